@@ -1,0 +1,437 @@
+"""The built-in demo cohort: synthetic H&E- and IHC-stained breast slides with known HER2 truth.
+
+Each slide is a real pyramidal, tiled, JPEG-compressed TIFF (levels as top-level pages with
+``subfiletype=1``, mpp in the resolution tags) that OpenSlide opens as ``generic-tiff``.
+Generation is deterministic given ``seed`` and fast enough for CI.
+
+Pixels follow the Beer–Lambert stain model: optical densities of hematoxylin, eosin and DAB
+(Ruifrok & Johnston 2001 stain vectors) are painted per structure and turned into RGB.
+
+- **Geometry** (shared by a case's H&E and IHC slide, like serial sections): tissue pieces with
+  holes, tumour nests inside the tissue, and HER2 *positive regions* inside the tumour whose share
+  of the tumour grows with the HER2 score.
+- **IHC**: tumour cells in positive regions carry DAB membrane rings whose intensity and
+  completeness follow clinical scoring (1+ faint/incomplete, 2+ weak-moderate complete,
+  3+ strong complete); hematoxylin counterstain elsewhere.
+- **H&E**: a subtler cue: in positive regions nuclei are larger and darker and cytoplasm more
+  amphophilic; slide-to-slide stain variation is of the same order, so it is learnable, not trivial.
+- **Nuisances**: off-white background with a gradient and dust, a pen mark on the glass, a black
+  slide-holder border, an unscanned (pure white) band, and an out-of-focus patch of tissue.
+
+Ground truth is saved as PNG masks at ``mask_mpp`` µm/px: ``masks/{slide_id}_{tissue,tumour,positive}.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import tifffile
+
+from her2lab.io import atomic_path, param_hash
+from her2lab.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+SCORES = ("0", "1+", "2+", "3+")
+
+#: Optical density per unit stain (rows: H, E, DAB; columns: R, G, B), Ruifrok & Johnston 2001.
+STAIN_OD = np.array(
+    [[0.650, 0.704, 0.286], [0.072, 0.990, 0.105], [0.268, 0.570, 0.776]], dtype=np.float32
+)
+
+#: Share of the tumour covered by positive regions, per score.
+POSITIVE_SHARE = {"0": 0.0, "1+": 0.30, "2+": 0.55, "3+": 0.80}
+#: IHC membrane (intensity, completeness as a fraction of the ring) per score.
+MEMBRANE = {"0": (0.0, 0.0), "1+": (0.22, 0.45), "2+": (0.50, 0.85), "3+": (0.95, 1.0)}
+#: H&E morphological strength per score (0 = no change).
+HNE_STRENGTH = {"0": 0.0, "1+": 0.45, "2+": 0.75, "3+": 1.0}
+
+
+@dataclass
+class SyntheticConfig:
+    """Parameters of a synthetic cohort; the defaults make a 40-slide cohort in about a minute."""
+
+    n_slides: int = 40
+    n_pairs: int = 6  # patients with two slides
+    stain: str = "hne"  # "hne" or "ihc"
+    seed: int = 0
+    width_px: int = 4096
+    height_px: int = 3072
+    mpp: float = 0.5
+    downsamples: tuple[int, ...] = (1, 4, 16)
+    tile_px: int = 256
+    jpeg_quality: int = 90
+    mask_mpp: float = 8.0
+    signal: float = 1.0  # multiplies the HER2 cue; 0 makes the classes indistinguishable
+    nuisances: bool = True
+    scores: tuple[str, ...] = field(default=SCORES)
+
+    def __post_init__(self) -> None:
+        if self.stain not in ("hne", "ihc"):
+            raise ValueError(f"synthetic stain {self.stain!r} is not 'hne' or 'ihc'")
+        if self.n_pairs * 2 > self.n_slides:
+            raise ValueError(f"n_pairs={self.n_pairs} needs at least {2 * self.n_pairs} slides")
+        self.downsamples = tuple(int(d) for d in self.downsamples)
+        self.scores = tuple(str(s) for s in self.scores)
+
+
+@dataclass
+class CaseGeometry:
+    """Layout of one case at ``layout_mpp`` (boolean masks) plus cell positions at level 0."""
+
+    tissue: np.ndarray
+    tumour: np.ndarray
+    positive: np.ndarray
+    pen: np.ndarray  # polyline points, level-0 px
+    extras: dict
+
+
+# --------------------------------------------------------------------------------------------
+# Cohort
+# --------------------------------------------------------------------------------------------
+def cohort_table(cfg: SyntheticConfig) -> pd.DataFrame:
+    """Slide/patient/label table of the cohort (no pixels): deterministic from ``cfg.seed``."""
+    rng = np.random.default_rng([cfg.seed, 7919])
+    n_patients = cfg.n_slides - cfg.n_pairs
+    labels = np.array([cfg.scores[i % len(cfg.scores)] for i in range(n_patients)])
+    rng.shuffle(labels)
+    # 2+ is split by ISH (about half amplified); other scores carry no ISH result, as in practice.
+    ish = np.array(["" if s != "2+" else ("pos" if rng.random() < 0.5 else "neg") for s in labels])
+    rows = []
+    case = 0
+    for p in range(n_patients):
+        for _ in range(2 if p < cfg.n_pairs else 1):
+            rows.append(
+                {
+                    "slide_id": f"case{case:03d}_{cfg.stain}",
+                    "patient_id": f"P{p:03d}",
+                    "case": case,
+                    "her2_score": labels[p],
+                    "ish": ish[p],
+                }
+            )
+            case += 1
+    return pd.DataFrame(rows)
+
+
+def generate_cohort(
+    out_dir: str | Path, cfg: SyntheticConfig | None = None, num_workers: int = 2
+) -> Path:
+    """Write slides, masks and ``manifest.csv`` under ``out_dir``; return the manifest path.
+
+    Idempotent: slides already written with the same parameters are kept, so an interrupted
+    generation resumes where it stopped.
+    """
+    cfg = cfg or SyntheticConfig()
+    out_dir = Path(out_dir)
+    (out_dir / "slides").mkdir(parents=True, exist_ok=True)
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    params = asdict(cfg)
+    h = param_hash(params)
+    meta_path = out_dir / "cohort.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("param_hash") != h:
+            # Other parameters: regenerate everything rather than mixing two cohorts.
+            for p in (out_dir / "slides").glob("*.tiff"):
+                p.unlink()
+    with atomic_path(meta_path) as tmp:
+        tmp.write_text(json.dumps({"param_hash": h, "params": params}, indent=2, default=list))
+
+    table = cohort_table(cfg)
+    todo = [r for r in table.itertuples() if not (out_dir / "slides" / f"{r.slide_id}.tiff").exists()]
+    jobs = [(cfg, r.case, r.slide_id, r.her2_score, r.ish, out_dir) for r in todo]
+    if jobs:
+        with progress_bar(f"generating {len(jobs)} synthetic {cfg.stain} slides", len(jobs)) as advance:
+            if num_workers > 1 and len(jobs) > 1:
+                with ProcessPoolExecutor(num_workers) as pool:
+                    for _ in pool.map(_write_case_job, jobs):
+                        advance()
+            else:
+                for job in jobs:
+                    _write_case_job(job)
+                    advance()
+
+    manifest = table.drop(columns=["case"]).assign(
+        path=[f"slides/{s}.tiff" for s in table.slide_id], stain=cfg.stain
+    )[["slide_id", "patient_id", "path", "her2_score", "ish", "stain"]]
+    manifest_path = out_dir / "manifest.csv"
+    with atomic_path(manifest_path) as tmp:
+        manifest.to_csv(tmp, index=False)
+    return manifest_path
+
+
+def _write_case_job(job: tuple) -> None:
+    cfg, case, slide_id, score, ish, out_dir = job
+    write_case(cfg, case, slide_id, score, ish, Path(out_dir))
+
+
+def write_case(
+    cfg: SyntheticConfig, case: int, slide_id: str, score: str, ish: str, out_dir: Path
+) -> Path:
+    """Render one slide and write it (atomically) with its ground-truth masks."""
+    geom = case_geometry(cfg, case, score)
+    rgb = render_slide(cfg, case, geom, score, ish)
+    path = out_dir / "slides" / f"{slide_id}.tiff"
+    with atomic_path(path) as tmp:
+        write_pyramid_tiff(tmp, rgb, cfg.mpp, cfg.downsamples, cfg.tile_px, cfg.jpeg_quality)
+    mask_w = round(cfg.width_px * cfg.mpp / cfg.mask_mpp)
+    mask_h = round(cfg.height_px * cfg.mpp / cfg.mask_mpp)
+    for name in ("tissue", "tumour", "positive"):
+        m = cv2.resize(getattr(geom, name).astype(np.float32), (mask_w, mask_h), interpolation=cv2.INTER_AREA)
+        with atomic_path(out_dir / "masks" / f"{slide_id}_{name}.png") as tmp:
+            cv2.imwrite(str(tmp), ((m > 0.5) * 255).astype(np.uint8))
+    return path
+
+
+def write_pyramid_tiff(
+    path: str | Path,
+    rgb: np.ndarray,
+    mpp: float,
+    downsamples: tuple[int, ...] = (1, 4, 16),
+    tile_px: int = 256,
+    jpeg_quality: int = 90,
+) -> None:
+    """Write an RGB array as a tiled JPEG pyramid that OpenSlide reads as ``generic-tiff``.
+
+    OpenSlide finds reduced levels only in top-level pages marked ``subfiletype=1`` (not in
+    SubIFDs), and takes mpp from the resolution tags (pixels per centimetre). Tiles are YCbCr
+    4:2:0 JPEG like most scanners'; tifffile expects the pixels already in YCbCr for that.
+    """
+    h, w = rgb.shape[:2]
+    with tifffile.TiffWriter(path, bigtiff=rgb.nbytes > 2**31) as tw:
+        for i, ds in enumerate(downsamples):
+            level = rgb if ds == 1 else cv2.resize(rgb, (w // ds, h // ds), interpolation=cv2.INTER_AREA)
+            res = 1e4 / (mpp * ds)
+            ycbcr = np.ascontiguousarray(cv2.cvtColor(level, cv2.COLOR_RGB2YCrCb)[..., [0, 2, 1]])
+            tw.write(
+                ycbcr,
+                tile=(tile_px, tile_px),
+                compression="jpeg",
+                compressionargs={"level": jpeg_quality},
+                photometric="ycbcr",
+                subfiletype=1 if i else 0,
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------------
+LAYOUT_DS = 8  # geometry is drawn at 1/8 of level 0, then upsampled smoothly
+
+
+def _noise_field(rng: np.random.Generator, shape: tuple[int, int], cell_px: float) -> np.ndarray:
+    """Smooth noise with features about ``cell_px`` wide, standardised to mean 0, sd 1."""
+    h, w = shape
+    gh, gw = max(2, int(h / cell_px) + 2), max(2, int(w / cell_px) + 2)
+    coarse = rng.standard_normal((gh, gw)).astype(np.float32)
+    f = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+    f = cv2.GaussianBlur(f, (0, 0), cell_px / 4)
+    return (f - f.mean()) / (f.std() + 1e-6)
+
+
+def _share_threshold(field_: np.ndarray, inside: np.ndarray, share: float) -> np.ndarray:
+    """Mask of the ``share`` highest values of ``field_`` within ``inside``."""
+    if share <= 0 or not inside.any():
+        return np.zeros_like(inside)
+    t = np.quantile(field_[inside], 1 - share)
+    return inside & (field_ > t)
+
+
+def case_geometry(cfg: SyntheticConfig, case: int, score: str) -> CaseGeometry:
+    """Tissue, tumour and positive-region masks at layout resolution; same for H&E and IHC."""
+    rng = np.random.default_rng([cfg.seed, case, 0])
+    h, w = cfg.height_px // LAYOUT_DS, cfg.width_px // LAYOUT_DS
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    # Tissue: 1–2 irregular pieces in the left ~75% of the slide (the right keeps glass for
+    # the pen mark and the unscanned band).
+    env = np.zeros((h, w), np.float32)
+    for _ in range(rng.integers(1, 3)):
+        cx, cy = rng.uniform(0.28, 0.45) * w, rng.uniform(0.4, 0.6) * h
+        ax, ay = rng.uniform(0.14, 0.22) * w, rng.uniform(0.2, 0.3) * h
+        env = np.maximum(env, 1 - ((xx - cx) / ax) ** 2 - ((yy - cy) / ay) ** 2)
+    env -= np.clip(xx / w - 0.62, 0, None) * 10  # fade out before the glass on the right
+    tissue = (env + 0.3 * _noise_field(rng, (h, w), 40)) > 0.15
+    tissue = _keep_large(tissue, min_px=int(40_000 / (cfg.mpp * LAYOUT_DS) ** 2))  # ≥ 0.04 mm²
+    # Holes (fat, lumina): 2–5 ellipses of 80–160 µm radius.
+    layout_mpp = cfg.mpp * LAYOUT_DS
+    ys, xs = np.nonzero(cv2.erode(tissue.astype(np.uint8), np.ones((25, 25), np.uint8)))
+    holes = np.zeros((h, w), np.uint8)
+    for _ in range(rng.integers(2, 6)):
+        if len(xs) == 0:
+            break
+        i = rng.integers(len(xs))
+        r = rng.uniform(80, 160) / layout_mpp
+        cv2.ellipse(holes, (int(xs[i]), int(ys[i])), (int(r), int(r * rng.uniform(0.6, 1))),
+                    float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    tissue &= holes == 0
+    # Tumour nests: about half of the tissue, away from its edge.
+    inner = cv2.erode(tissue.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    tumour = _share_threshold(_noise_field(rng, (h, w), 30), inner, rng.uniform(0.4, 0.6))
+    # Positive regions: a score-dependent share of the tumour, in smooth blobs.
+    share = POSITIVE_SHARE[score]
+    share = float(np.clip(share + rng.uniform(-0.08, 0.08), 0, 0.95)) if share > 0 else 0.0
+    positive = _share_threshold(_noise_field(rng, (h, w), 45), tumour, share)
+    # Pen mark: a wavy stroke on the glass to the right of the tissue.
+    x0 = rng.uniform(0.83, 0.88) * cfg.width_px
+    ys_pen = np.linspace(0.15, 0.75, 12) * cfg.height_px
+    xs_pen = x0 + np.cumsum(rng.normal(0, 0.01 * cfg.width_px, 12))
+    pen = np.stack([xs_pen, ys_pen], 1).astype(np.int32)
+    extras = {
+        "pen_color": [(40, 120, 60), (40, 60, 150), (30, 30, 35)][rng.integers(3)],
+        "black_border": bool(rng.random() < 0.5),
+        "unscanned": bool(rng.random() < 0.5),
+        "blur_center": (float(rng.uniform(0.3, 0.5)), float(rng.uniform(0.4, 0.6))),
+    }
+    return CaseGeometry(tissue=tissue, tumour=tumour, positive=positive, pen=pen, extras=extras)
+
+
+def _keep_large(mask: np.ndarray, min_px: int) -> np.ndarray:
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
+    return keep[lab]
+
+
+def _upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    m = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 0.8)
+    return cv2.resize(m, size, interpolation=cv2.INTER_LINEAR) > 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+def render_slide(cfg: SyntheticConfig, case: int, geom: CaseGeometry, score: str, ish: str) -> np.ndarray:
+    """Paint the level-0 RGB image (H, W, 3) uint8 of one case in ``cfg.stain``."""
+    rng = np.random.default_rng([cfg.seed, case, 1 if cfg.stain == "hne" else 2])
+    cell_rng = np.random.default_rng([cfg.seed, case, 3])  # cell layout shared across stains
+    W, H = cfg.width_px, cfg.height_px
+    tissue = _upsample_mask(geom.tissue, (W, H))
+    tumour = _upsample_mask(geom.tumour, (W, H)) & tissue
+    positive = _upsample_mask(geom.positive, (W, H)) & tumour
+    # The layout masks are the truth: make them agree with what is painted.
+    geom.tissue, geom.tumour, geom.positive = tissue, tumour, positive
+    hne = cfg.stain == "hne"
+    # 2+ with amplification (ISH+) stains a little more, as amplified tumours tend to.
+    strength = HNE_STRENGTH[score] * cfg.signal
+    intensity, completeness = MEMBRANE[score]
+    if score == "2+" and ish == "pos":
+        intensity += 0.35 * (MEMBRANE["3+"][0] - intensity)
+        strength += 0.35 * (HNE_STRENGTH["3+"] - HNE_STRENGTH["2+"]) * cfg.signal
+    intensity *= cfg.signal
+
+    # Stroma / background optical density at half resolution, then upsampled (cheaper).
+    hh, hw = H // 2, W // 2
+    fibres = cv2.GaussianBlur(rng.standard_normal((hh, hw)).astype(np.float32), (0, 0), sigmaX=6, sigmaY=1.2)
+    fibres = cv2.resize(fibres / (fibres.std() + 1e-6), (W, H), interpolation=cv2.INTER_LINEAR)
+    t = tissue.astype(np.float32)
+    od_h = t * (0.05 if hne else 0.04)
+    od_e = t * np.clip(0.30 + 0.10 * fibres, 0.05, None) if hne else np.zeros((H, W), np.float32)
+    od_d = np.zeros((H, W), np.float32)
+    if not hne:
+        od_h = od_h + t * np.clip(0.08 + 0.03 * fibres, 0, None)
+
+    # Tumour cells on a jittered hexagonal grid (about 11 µm apart).
+    spacing = 11.0 / cfg.mpp
+    gy, gx = np.mgrid[0 : H : spacing * 0.866, 0:W:spacing]
+    gx = gx + (np.arange(gx.shape[0])[:, None] % 2) * spacing / 2
+    cx = (gx + cell_rng.normal(0, spacing * 0.15, gx.shape)).ravel()
+    cy = (gy + cell_rng.normal(0, spacing * 0.15, gy.shape)).ravel()
+    ok = (cx >= 0) & (cx < W - 1) & (cy >= 0) & (cy < H - 1)
+    cx, cy = cx[ok], cy[ok]
+    in_tumour = tumour[cy.astype(int), cx.astype(int)]
+    cx, cy = cx[in_tumour], cy[in_tumour]
+    pos = positive[cy.astype(int), cx.astype(int)]
+    n = len(cx)
+    nuc_r = cell_rng.uniform(2.2, 3.2, n) / cfg.mpp  # nucleus radius, px
+    nuc_ratio = cell_rng.uniform(0.65, 1.0, n)
+    angle = cell_rng.uniform(0, 180, n)
+    nuc_od = rng.uniform(0.55, 0.8, n) * (1.0 if hne else 0.55)
+    cyto_od = rng.uniform(0.22, 0.32, n)
+    if hne and strength > 0:
+        # Positive regions in H&E: larger, darker, more pleomorphic nuclei; bluer cytoplasm.
+        nuc_r[pos] *= 1 + 0.30 * strength * cell_rng.uniform(0.6, 1.4, pos.sum())
+        nuc_od[pos] += 0.18 * strength
+        cyto_od[pos] -= 0.08 * strength
+    cell_r = spacing * 0.48
+    start = rng.uniform(0, 360, n)
+    jitter = rng.uniform(0.75, 1.25, n)
+    for i in range(n):
+        c = (int(cx[i]), int(cy[i]))
+        if hne:
+            cv2.circle(od_e, c, int(cell_r), float(cyto_od[i]), -1)
+            if pos[i] and strength > 0:
+                cv2.circle(od_h, c, int(cell_r), float(0.06 * strength), -1)
+        else:
+            cv2.circle(od_h, c, int(cell_r), 0.05, -1)
+            membrane = intensity * jitter[i] if pos[i] else 0.0
+            arc = completeness
+            if not pos[i] and score != "0" and rng.random() < 0.05:  # sporadic faint cells
+                membrane, arc = 0.12 * cfg.signal, 0.4
+            if score == "0" and rng.random() < 0.04:
+                membrane, arc = 0.08 * cfg.signal, 0.3
+            if membrane > 0:
+                cv2.ellipse(od_d, c, (int(cell_r), int(cell_r)), 0.0, float(start[i]),
+                            float(start[i] + 360 * arc), float(membrane), 2)
+        ax = int(round(nuc_r[i]))
+        cv2.ellipse(od_h, c, (ax, max(1, int(round(ax * nuc_ratio[i])))), float(angle[i]), 0, 360,
+                    float(nuc_od[i]), -1)
+    # Stromal nuclei: sparse, elongated, along the fibres.
+    stroma = tissue & ~tumour
+    m = int(stroma.sum() / (22 / cfg.mpp) ** 2)
+    sx = cell_rng.uniform(0, W - 1, m * 2)
+    sy = cell_rng.uniform(0, H - 1, m * 2)
+    keep = stroma[sy.astype(int), sx.astype(int)]
+    for x, y in zip(sx[keep], sy[keep], strict=True):
+        cv2.ellipse(od_h, (int(x), int(y)), (int(3.5 / cfg.mpp), int(1.2 / cfg.mpp)),
+                    float(rng.normal(0, 15)), 0, 360, float(rng.uniform(0.5, 0.75) * (1 if hne else 0.55)), -1)
+
+    # Beer–Lambert: per-slide stain strength variation (a nuisance of the size of the cue).
+    scale = rng.uniform(0.8, 1.2, 3).astype(np.float32)
+    od = np.stack([od_h, od_e, od_d], -1)
+    od = cv2.GaussianBlur(od, (0, 0), 0.6)
+    od_rgb = od.reshape(-1, 3) @ (STAIN_OD * scale[:, None])  # (H*W, 3)
+    bg = np.array([236, 234, 238], np.float32) + rng.uniform(-3, 3, 3).astype(np.float32)
+    grad = (np.linspace(-1, 1, W, dtype=np.float32)[None, :] * rng.uniform(-6, 6)).reshape(1, W, 1)
+    img = (bg + grad) * np.power(10.0, -od_rgb.reshape(H, W, 3), dtype=np.float32)
+    img += rng.normal(0, 2.5, (H // 4, W // 4, 1)).astype(np.float32).repeat(4, 0).repeat(4, 1)
+    rgb = np.clip(img, 0, 255).astype(np.uint8)
+    if cfg.nuisances:
+        _add_nuisances(rgb, geom, rng, cfg)
+    return rgb
+
+
+def _add_nuisances(rgb: np.ndarray, geom: CaseGeometry, rng: np.random.Generator, cfg: SyntheticConfig) -> None:
+    H, W = rgb.shape[:2]
+    # Dust on the glass: small grey specks (low saturation, must not count as tissue).
+    for _ in range(40):
+        x, y = int(rng.uniform(0, W)), int(rng.uniform(0, H))
+        g = int(rng.uniform(150, 200))
+        cv2.circle(rgb, (x, y), int(rng.uniform(1, 4)), (g, g, g), -1)
+    # Pen mark on the glass.
+    cv2.polylines(rgb, [geom.pen], False, geom.extras["pen_color"], thickness=int(60 / cfg.mpp / 4))
+    # Out-of-focus patch of tissue.
+    bx, by = geom.extras["blur_center"]
+    r = int(0.08 * W)
+    x0, y0 = int(bx * W) - r, int(by * H) - r
+    x0, y0 = max(0, x0), max(0, y0)
+    patch = rgb[y0 : y0 + 2 * r, x0 : x0 + 2 * r]
+    patch[:] = cv2.GaussianBlur(patch, (0, 0), 4)
+    # Unscanned band (pure white) at the right edge, black slide-holder border at the top.
+    # What they cover is no longer tissue in the ground truth either.
+    if geom.extras["unscanned"]:
+        rgb[:, int(0.94 * W) :] = 255
+        geom.tissue[:, int(0.94 * W) :] = False
+    if geom.extras["black_border"]:
+        rgb[: int(0.03 * H)] = (12, 12, 14)
+        geom.tissue[: int(0.03 * H)] = False

@@ -1,0 +1,95 @@
+"""Tissue segmentation on a low-resolution image of the slide.
+
+Tissue is what is *stained*: saturated pixels. The saturation threshold comes from Otsu's method
+(clamped to a sane range), which separates tissue from white or grey glass, from the pure white
+of unscanned areas and from dust. Very dark pixels (slide-holder borders, black ink, debris) and
+coloured ink (green and blue pen) are removed before the morphology. Sizes are given in µm² so
+that one setting works at any resolution: fragments smaller than ``min_area_um2`` are dropped and
+holes smaller than ``min_hole_area_um2`` are filled (larger holes — fat, lumina — stay holes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    """Segmentation settings (``conf/tissue/default.yaml``)."""
+
+    seg_mpp: float = 8.0  # resolution the mask is computed at, µm/px
+    min_saturation: int = 15  # floor (and ``max_saturation`` the cap) of the Otsu threshold, 0–255
+    max_saturation: int = 60
+    dark_value: int = 50  # HSV value below this is border/ink/debris, never tissue
+    pen_filter: bool = True
+    min_area_um2: float = 20_000.0  # drop fragments smaller than this (0.02 mm²)
+    min_hole_area_um2: float = 5_000.0  # fill holes smaller than this
+    close_um: float = 16.0  # closing radius that bridges small gaps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pen_mask(rgb: np.ndarray) -> np.ndarray:
+    """Green, blue or strongly cyan ink (bool, H×W). H&E and IHC stains are never G>R or B≫R,G."""
+    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    green = (g > r + 15) & (g > b - 10)
+    blue = (b > r + 70) & (b > g + 45)
+    return green | blue
+
+
+def segment_tissue(rgb: np.ndarray, params: TissueParams | None = None) -> np.ndarray:
+    """Boolean tissue mask (H, W) of an RGB uint8 image taken at ``params.seg_mpp`` µm/px."""
+    p = params or TissueParams()
+    um2_per_px = p.seg_mpp**2
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    sat = cv2.medianBlur(hsv[..., 1], 5)
+    val = hsv[..., 2]
+    valid = val >= p.dark_value
+    if p.pen_filter:
+        pen = cv2.dilate(pen_mask(rgb).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        valid &= ~pen
+    # Otsu over the valid pixels only, clamped: a slide that is nearly all tissue or all glass
+    # still gets a threshold that means "stained".
+    sample = sat[valid]
+    if sample.size:
+        thr, _ = cv2.threshold(sample.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    else:
+        thr = p.min_saturation
+    thr = float(np.clip(thr, p.min_saturation, p.max_saturation))
+    mask = ((sat > thr) & valid).astype(np.uint8)
+    r = max(1, round(p.close_um / p.seg_mpp))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+    mask = _drop_small(mask.astype(bool), p.min_area_um2 / um2_per_px)
+    mask = _fill_small_holes(mask, p.min_hole_area_um2 / um2_per_px)
+    return mask & (val >= p.dark_value)
+
+
+def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
+    return keep[labels]
+
+
+def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
+    # Holes are background components that do not touch the image border.
+    inv = (~mask).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(inv, connectivity=4)
+    h, w = mask.shape
+    x, y, bw, bh, area = (stats[:, i] for i in range(5))
+    touches = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
+    fill = (~touches) & (area < max_px)
+    fill[0] = False  # label 0 is the tissue itself
+    return mask | fill[labels]
+
+
+def tissue_contours(mask: np.ndarray) -> list[np.ndarray]:
+    """Outer and hole contours of a mask, as OpenCV point arrays (for QC drawings and GeoJSON)."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    return list(contours)
