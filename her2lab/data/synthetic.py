@@ -146,10 +146,14 @@ def generate_cohort(
         tmp.write_text(json.dumps({"param_hash": h, "params": params}, indent=2, default=list))
 
     table = cohort_table(cfg)
-    todo = [r for r in table.itertuples() if not (out_dir / "slides" / f"{r.slide_id}.tiff").exists()]
+    todo = [
+        r for r in table.itertuples() if not (out_dir / "slides" / f"{r.slide_id}.tiff").exists()
+    ]
     jobs = [(cfg, r.case, r.slide_id, r.her2_score, r.ish, out_dir) for r in todo]
     if jobs:
-        with progress_bar(f"generating {len(jobs)} synthetic {cfg.stain} slides", len(jobs)) as advance:
+        with progress_bar(
+            f"generating {len(jobs)} synthetic {cfg.stain} slides", len(jobs)
+        ) as advance:
             if num_workers > 1 and len(jobs) > 1:
                 with ProcessPoolExecutor(num_workers) as pool:
                     for _ in pool.map(_write_case_job, jobs):
@@ -185,7 +189,9 @@ def write_case(
     mask_w = round(cfg.width_px * cfg.mpp / cfg.mask_mpp)
     mask_h = round(cfg.height_px * cfg.mpp / cfg.mask_mpp)
     for name in ("tissue", "tumour", "positive"):
-        m = cv2.resize(getattr(geom, name).astype(np.float32), (mask_w, mask_h), interpolation=cv2.INTER_AREA)
+        m = cv2.resize(
+            getattr(geom, name).astype(np.float32), (mask_w, mask_h), interpolation=cv2.INTER_AREA
+        )
         with atomic_path(out_dir / "masks" / f"{slide_id}_{name}.png") as tmp:
             cv2.imwrite(str(tmp), ((m > 0.5) * 255).astype(np.uint8))
     return path
@@ -208,7 +214,11 @@ def write_pyramid_tiff(
     h, w = rgb.shape[:2]
     with tifffile.TiffWriter(path, bigtiff=rgb.nbytes > 2**31) as tw:
         for i, ds in enumerate(downsamples):
-            level = rgb if ds == 1 else cv2.resize(rgb, (w // ds, h // ds), interpolation=cv2.INTER_AREA)
+            level = (
+                rgb
+                if ds == 1
+                else cv2.resize(rgb, (w // ds, h // ds), interpolation=cv2.INTER_AREA)
+            )
             res = 1e4 / (mpp * ds)
             ycbcr = np.ascontiguousarray(cv2.cvtColor(level, cv2.COLOR_RGB2YCrCb)[..., [0, 2, 1]])
             tw.write(
@@ -272,8 +282,16 @@ def case_geometry(cfg: SyntheticConfig, case: int, score: str) -> CaseGeometry:
             break
         i = rng.integers(len(xs))
         r = rng.uniform(80, 160) / layout_mpp
-        cv2.ellipse(holes, (int(xs[i]), int(ys[i])), (int(r), int(r * rng.uniform(0.6, 1))),
-                    float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        cv2.ellipse(
+            holes,
+            (int(xs[i]), int(ys[i])),
+            (int(r), int(r * rng.uniform(0.6, 1))),
+            float(rng.uniform(0, 180)),
+            0,
+            360,
+            1,
+            -1,
+        )
     tissue &= holes == 0
     # Tumour nests: about half of the tissue, away from its edge.
     inner = cv2.erode(tissue.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
@@ -311,7 +329,9 @@ def _upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
-def render_slide(cfg: SyntheticConfig, case: int, geom: CaseGeometry, score: str, ish: str) -> np.ndarray:
+def render_slide(
+    cfg: SyntheticConfig, case: int, geom: CaseGeometry, score: str, ish: str
+) -> np.ndarray:
     """Paint the level-0 RGB image (H, W, 3) uint8 of one case in ``cfg.stain``."""
     rng = np.random.default_rng([cfg.seed, case, 1 if cfg.stain == "hne" else 2])
     cell_rng = np.random.default_rng([cfg.seed, case, 3])  # cell layout shared across stains
@@ -332,7 +352,9 @@ def render_slide(cfg: SyntheticConfig, case: int, geom: CaseGeometry, score: str
 
     # Stroma / background optical density at half resolution, then upsampled (cheaper).
     hh, hw = H // 2, W // 2
-    fibres = cv2.GaussianBlur(rng.standard_normal((hh, hw)).astype(np.float32), (0, 0), sigmaX=6, sigmaY=1.2)
+    fibres = cv2.GaussianBlur(
+        rng.standard_normal((hh, hw)).astype(np.float32), (0, 0), sigmaX=6, sigmaY=1.2
+    )
     fibres = cv2.resize(fibres / (fibres.std() + 1e-6), (W, H), interpolation=cv2.INTER_LINEAR)
     t = tissue.astype(np.float32)
     od_h = t * (0.05 if hne else 0.04)
@@ -381,11 +403,27 @@ def render_slide(cfg: SyntheticConfig, case: int, geom: CaseGeometry, score: str
             if score == "0" and rng.random() < 0.04:
                 membrane, arc = 0.08 * cfg.signal, 0.3
             if membrane > 0:
-                cv2.ellipse(od_d, c, (int(cell_r), int(cell_r)), 0.0, float(start[i]),
-                            float(start[i] + 360 * arc), float(membrane), 2)
+                cv2.ellipse(
+                    od_d,
+                    c,
+                    (int(cell_r), int(cell_r)),
+                    0.0,
+                    float(start[i]),
+                    float(start[i] + 360 * arc),
+                    float(membrane),
+                    2,
+                )
         ax = int(round(nuc_r[i]))
-        cv2.ellipse(od_h, c, (ax, max(1, int(round(ax * nuc_ratio[i])))), float(angle[i]), 0, 360,
-                    float(nuc_od[i]), -1)
+        cv2.ellipse(
+            od_h,
+            c,
+            (ax, max(1, int(round(ax * nuc_ratio[i])))),
+            float(angle[i]),
+            0,
+            360,
+            float(nuc_od[i]),
+            -1,
+        )
     # Stromal nuclei: sparse, elongated, along the fibres.
     stroma = tissue & ~tumour
     m = int(stroma.sum() / (22 / cfg.mpp) ** 2)
@@ -393,8 +431,16 @@ def render_slide(cfg: SyntheticConfig, case: int, geom: CaseGeometry, score: str
     sy = cell_rng.uniform(0, H - 1, m * 2)
     keep = stroma[sy.astype(int), sx.astype(int)]
     for x, y in zip(sx[keep], sy[keep], strict=True):
-        cv2.ellipse(od_h, (int(x), int(y)), (int(3.5 / cfg.mpp), int(1.2 / cfg.mpp)),
-                    float(rng.normal(0, 15)), 0, 360, float(rng.uniform(0.5, 0.75) * (1 if hne else 0.55)), -1)
+        cv2.ellipse(
+            od_h,
+            (int(x), int(y)),
+            (int(3.5 / cfg.mpp), int(1.2 / cfg.mpp)),
+            float(rng.normal(0, 15)),
+            0,
+            360,
+            float(rng.uniform(0.5, 0.75) * (1 if hne else 0.55)),
+            -1,
+        )
 
     # Beer–Lambert: per-slide stain strength variation (a nuisance of the size of the cue).
     scale = rng.uniform(0.8, 1.2, 3).astype(np.float32)
@@ -411,7 +457,9 @@ def render_slide(cfg: SyntheticConfig, case: int, geom: CaseGeometry, score: str
     return rgb
 
 
-def _add_nuisances(rgb: np.ndarray, geom: CaseGeometry, rng: np.random.Generator, cfg: SyntheticConfig) -> None:
+def _add_nuisances(
+    rgb: np.ndarray, geom: CaseGeometry, rng: np.random.Generator, cfg: SyntheticConfig
+) -> None:
     H, W = rgb.shape[:2]
     # Dust on the glass: small grey specks (low saturation, must not count as tissue).
     for _ in range(40):

@@ -1,0 +1,49 @@
+"""``python -m her2lab.prepare cohort=demo``: tissue masks, tile grids, thumbnails and QC for a cohort."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from her2lab import CONF_DIR
+from her2lab.run.cohort import resolve_cohort
+from her2lab.run.entry import one_line_errors
+from her2lab.run.prepare import PrepareSettings, prepare_cohort
+from her2lab.slides.tiling import TilingParams
+from her2lab.slides.tissue import TissueParams
+
+log = logging.getLogger(__name__)
+
+
+def settings_from_config(cfg: DictConfig) -> PrepareSettings:
+    return PrepareSettings(
+        cache_dir=Path(cfg.cohort.cache_dir),
+        tiling=TilingParams(**OmegaConf.to_container(cfg.tiling, resolve=True)),
+        tissue=TissueParams(**OmegaConf.to_container(cfg.tissue, resolve=True)),
+        thumb_mpp=float(cfg.prepare.thumb_mpp),
+        qc=bool(cfg.prepare.qc),
+        overwrite=bool(cfg.prepare.overwrite),
+    )
+
+
+def run(cfg: DictConfig):
+    """Prepare the configured cohort; returns the per-slide report (a DataFrame)."""
+    manifest = resolve_cohort(cfg.cohort, num_workers=cfg.num_workers)
+    return prepare_cohort(manifest, settings_from_config(cfg), num_workers=cfg.num_workers)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="prepare")
+@one_line_errors
+def main(cfg: DictConfig) -> None:
+    report = run(cfg)
+    if (report["status"] == "failed").all():
+        raise SystemExit(
+            f"error: every slide failed; see {Path(cfg.cohort.cache_dir) / 'failures.csv'}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Task functions behind the Hydra entry points (prepare, extract, train, evaluate)."""
