@@ -413,11 +413,11 @@ def render_slide(
                     float(membrane),
                     2,
                 )
-        ax = int(round(nuc_r[i]))
+        ax = round(nuc_r[i])
         cv2.ellipse(
             od_h,
             c,
-            (ax, max(1, int(round(ax * nuc_ratio[i])))),
+            (ax, max(1, round(ax * nuc_ratio[i]))),
             float(angle[i]),
             0,
             360,

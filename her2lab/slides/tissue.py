@@ -80,7 +80,7 @@ def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
 def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     # Holes are background components that do not touch the image border.
     inv = (~mask).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(inv, connectivity=4)
+    _n, labels, stats, _ = cv2.connectedComponentsWithStats(inv, connectivity=4)
     h, w = mask.shape
     x, y, bw, bh, area = (stats[:, i] for i in range(5))
     touches = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
