@@ -78,6 +78,11 @@ class SyntheticConfig:
             raise ValueError(f"synthetic stain {self.stain!r} is not 'hne' or 'ihc'")
         if self.n_pairs * 2 > self.n_slides:
             raise ValueError(f"n_pairs={self.n_pairs} needs at least {2 * self.n_pairs} slides")
+        if self.width_px * self.mpp < 1000 or self.height_px * self.mpp < 750:
+            raise ValueError(
+                f"synthetic slide of {self.width_px}x{self.height_px}px at {self.mpp} µm/px is "
+                "smaller than 1 x 0.75 mm: too small for tissue; raise width_px/height_px"
+            )
         self.downsamples = tuple(int(d) for d in self.downsamples)
         self.scores = tuple(str(s) for s in self.scores)
 
@@ -214,15 +219,13 @@ def write_pyramid_tiff(
     h, w = rgb.shape[:2]
     with tifffile.TiffWriter(path, bigtiff=rgb.nbytes > 2**31) as tw:
         for i, ds in enumerate(downsamples):
-            level = (
-                rgb
-                if ds == 1
-                else cv2.resize(rgb, (w // ds, h // ds), interpolation=cv2.INTER_AREA)
-            )
+            level = rgb if ds == 1 else cv2.resize(rgb, (w // ds, h // ds), interpolation=cv2.INTER_AREA)
+            ycbcr = cv2.cvtColor(level, cv2.COLOR_RGB2YCrCb)[..., [0, 2, 1]]
             res = 1e4 / (mpp * ds)
-            ycbcr = np.ascontiguousarray(cv2.cvtColor(level, cv2.COLOR_RGB2YCrCb)[..., [0, 2, 1]])
             tw.write(
-                ycbcr,
+                _edge_padded_tiles(ycbcr, tile_px),
+                shape=ycbcr.shape,
+                dtype=np.uint8,
                 tile=(tile_px, tile_px),
                 compression="jpeg",
                 compressionargs={"level": jpeg_quality},
@@ -232,6 +235,21 @@ def write_pyramid_tiff(
                 resolutionunit="CENTIMETER",
                 metadata=None,
             )
+
+
+def _edge_padded_tiles(img: np.ndarray, tile_px: int):
+    """Row-major tiles; edge tiles padded by repeating the last row/column, not with zeros.
+
+    Zero padding is (Y, Cb, Cr) = 0, which chroma subsampling would bleed into the last real
+    pixels as a green fringe.
+    """
+    h, w = img.shape[:2]
+    for y in range(0, h, tile_px):
+        for x in range(0, w, tile_px):
+            t = img[y : y + tile_px, x : x + tile_px]
+            if t.shape[:2] != (tile_px, tile_px):
+                t = np.pad(t, ((0, tile_px - t.shape[0]), (0, tile_px - t.shape[1]), (0, 0)), mode="edge")
+            yield np.ascontiguousarray(t)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,6 +311,7 @@ def case_geometry(cfg: SyntheticConfig, case: int, score: str) -> CaseGeometry:
             -1,
         )
     tissue &= holes == 0
+    tissue = _keep_large(tissue, min_px=int(40_000 / layout_mpp**2))
     # Tumour nests: about half of the tissue, away from its edge.
     inner = cv2.erode(tissue.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
     tumour = _share_threshold(_noise_field(rng, (h, w), 30), inner, rng.uniform(0.4, 0.6))
@@ -306,7 +325,7 @@ def case_geometry(cfg: SyntheticConfig, case: int, score: str) -> CaseGeometry:
     xs_pen = x0 + np.cumsum(rng.normal(0, 0.01 * cfg.width_px, 12))
     pen = np.stack([xs_pen, ys_pen], 1).astype(np.int32)
     extras = {
-        "pen_color": [(40, 120, 60), (40, 60, 150), (30, 30, 35)][rng.integers(3)],
+        "pen_color": [(30, 110, 60), (30, 50, 140), (25, 25, 30)][rng.integers(3)],
         "black_border": bool(rng.random() < 0.5),
         "unscanned": bool(rng.random() < 0.5),
         "blur_center": (float(rng.uniform(0.3, 0.5)), float(rng.uniform(0.4, 0.6))),
@@ -336,7 +355,9 @@ def render_slide(
     rng = np.random.default_rng([cfg.seed, case, 1 if cfg.stain == "hne" else 2])
     cell_rng = np.random.default_rng([cfg.seed, case, 3])  # cell layout shared across stains
     W, H = cfg.width_px, cfg.height_px
-    tissue = _upsample_mask(geom.tissue, (W, H))
+    # Fragments smaller than 0.04 mm² (e.g. cut off a piece by a hole) are not tissue in the
+    # truth either: drop them so the truth is what a segmentation can be asked to find.
+    tissue = _keep_large(_upsample_mask(geom.tissue, (W, H)), min_px=int(40_000 / cfg.mpp**2))
     tumour = _upsample_mask(geom.tumour, (W, H)) & tissue
     positive = _upsample_mask(geom.positive, (W, H)) & tumour
     # The layout masks are the truth: make them agree with what is painted.
@@ -467,7 +488,7 @@ def _add_nuisances(
         g = int(rng.uniform(150, 200))
         cv2.circle(rgb, (x, y), int(rng.uniform(1, 4)), (g, g, g), -1)
     # Pen mark on the glass.
-    cv2.polylines(rgb, [geom.pen], False, geom.extras["pen_color"], thickness=int(60 / cfg.mpp / 4))
+    cv2.polylines(rgb, [geom.pen], False, geom.extras["pen_color"], thickness=int(120 / cfg.mpp))  # 120 µm
     # Out-of-focus patch of tissue.
     bx, by = geom.extras["blur_center"]
     r = int(0.08 * W)

@@ -46,12 +46,11 @@ def segment_tissue(rgb: np.ndarray, params: TissueParams | None = None) -> np.nd
     p = params or TissueParams()
     um2_per_px = p.seg_mpp**2
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    sat = cv2.medianBlur(hsv[..., 1], 5)
+    sat = cv2.medianBlur(hsv[..., 1], 3)
     val = hsv[..., 2]
     valid = val >= p.dark_value
     if p.pen_filter:
-        pen = cv2.dilate(pen_mask(rgb).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-        valid &= ~pen
+        valid &= ~pen_mask(rgb)
     # Otsu over the valid pixels only, clamped: a slide that is nearly all tissue or all glass
     # still gets a threshold that means "stained".
     sample = sat[valid]
@@ -60,14 +59,28 @@ def segment_tissue(rgb: np.ndarray, params: TissueParams | None = None) -> np.nd
     else:
         thr = p.min_saturation
     thr = float(np.clip(thr, p.min_saturation, p.max_saturation))
-    mask = ((sat > thr) & valid).astype(np.uint8)
+    # Hysteresis: at this resolution an edge pixel is part glass, part tissue. Pixels brighter
+    # than halfway between the glass and the typical tissue saturation count when they touch
+    # clearly stained ones, so edges of pale (IHC) tissue are not shaved off.
+    strong = (sat > thr) & valid
+    if strong.any() and (valid & ~strong).any():
+        half = 0.5 * (float(np.median(sat[valid & ~strong])) + float(np.median(sat[strong])))
+    else:
+        half = thr
+    weak = (sat > min(thr, half)) & valid
+    n, labels = cv2.connectedComponents(weak.astype(np.uint8), connectivity=8)
+    seeded = np.zeros(n, bool)
+    seeded[labels[strong]] = True
+    seeded[0] = False
+    mask = seeded[labels].astype(np.uint8)
     r = max(1, round(p.close_um / p.seg_mpp))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    # Closing only: an opening would cut thin strands of tissue into fragments that the
+    # area filter then drops; specks are removed by that area filter instead.
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
     mask = _drop_small(mask.astype(bool), p.min_area_um2 / um2_per_px)
     mask = _fill_small_holes(mask, p.min_hole_area_um2 / um2_per_px)
-    return mask & (val >= p.dark_value)
+    return mask & valid  # closing and hole filling never paint over ink or dark borders
 
 
 def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
