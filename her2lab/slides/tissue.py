@@ -50,7 +50,9 @@ def segment_tissue(rgb: np.ndarray, params: TissueParams | None = None) -> np.nd
     val = hsv[..., 2]
     valid = val >= p.dark_value
     if p.pen_filter:
-        valid &= ~pen_mask(rgb)
+        # Dilated: the stroke's edge pixels are part ink, part glass — saturated but not ink-coloured.
+        pen = pen_mask(rgb).astype(np.uint8)
+        valid &= ~cv2.dilate(pen, np.ones((5, 5), np.uint8)).astype(bool)
     # Otsu over the valid pixels only, clamped: a slide that is nearly all tissue or all glass
     # still gets a threshold that means "stained".
     sample = sat[valid]
