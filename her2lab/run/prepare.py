@@ -230,11 +230,12 @@ def _prepare_job(args: tuple) -> dict:
 
 
 def prepare_cohort(
-    manifest: pd.DataFrame, settings: PrepareSettings, num_workers: int = 1
+    manifest: pd.DataFrame, settings: PrepareSettings, num_workers: int = 1, report_suffix: str = ""
 ) -> pd.DataFrame:
     """Prepare every slide of a validated manifest; returns the report (one row per slide).
 
-    Writes ``prepare_report.csv`` and ``failures.csv`` into ``settings.cache_dir``.
+    Writes ``prepare_report{suffix}.csv`` and ``failures{suffix}.csv`` into ``settings.cache_dir``
+    (a suffix keeps concurrent shards from overwriting each other's reports).
     """
     ensure_writable_dir(settings.cache_dir, "cohort cache folder")
     for sid in manifest["slide_id"]:
@@ -270,10 +271,10 @@ def prepare_cohort(
         .reset_index(drop=True)
     )
     report = report.merge(manifest[["slide_id", "path"]], on="slide_id", how="left")
-    with atomic_path(settings.cache_dir / "prepare_report.csv") as tmp:
+    with atomic_path(settings.cache_dir / f"prepare_report{report_suffix}.csv") as tmp:
         report.to_csv(tmp, index=False)
     failures = report[report["status"] == "failed"][["slide_id", "path", "error"]]
-    with atomic_path(settings.cache_dir / "failures.csv") as tmp:
+    with atomic_path(settings.cache_dir / f"failures{report_suffix}.csv") as tmp:
         failures.to_csv(tmp, index=False)
     for r in failures.itertuples():
         log.warning("failed: %s", r.error)
@@ -284,6 +285,6 @@ def prepare_cohort(
         counts.get("skipped", 0),
         counts.get("failed", 0),
         len(report),
-        settings.cache_dir / "prepare_report.csv",
+        settings.cache_dir / f"prepare_report{report_suffix}.csv",
     )
     return report
