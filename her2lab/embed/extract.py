@@ -245,9 +245,12 @@ def write_features(path: Path, feats: np.ndarray, coords: np.ndarray, attrs: dic
             f.create_dataset("coords", data=coords.astype(np.int64))
             for k, v in attrs.items():
                 f.attrs[k] = v
-    except OSError as exc:
-        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-        why = "disk full" if full else (exc.strerror or type(exc).__name__)
+    except (OSError, RuntimeError) as exc:  # h5py reports failed writes at close as RuntimeError
+        text = str(exc)
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
+            s in text for s in ("No space left", "File too large", "Disk quota", f"errno = {errno.ENOSPC}")
+        )
+        why = "disk full" if full else (getattr(exc, "strerror", None) or type(exc).__name__)
         raise OutputError(f"{path}: could not write features ({why}); free space or move paths.data_dir; finished slides are intact") from None
 
 
