@@ -300,3 +300,22 @@ def save_encoder(model: nn.Module, spec: BackboneSpec, path: Path, extra: dict |
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
     return path
+
+
+def build_classifier(backbone: dict, num_classes: int, init_weights: str | None = None) -> nn.Module:
+    """A backbone with a ``num_classes`` head (the patch classifier of the transfer-learning step).
+
+    ``init_weights``: ``None`` trains from scratch; ``hub`` or a file starts from those encoder
+    weights (the head is always new).
+    """
+    spec = BackboneSpec(**{**dict(backbone), "weights": None, "pretrained": False})
+    clf = create_model(spec, num_classes=num_classes)
+    if init_weights:
+        enc = build_encoder(BackboneSpec(**{**spec.to_dict(), "weights": init_weights, "pretrained": True, "embed_dim": None}))
+        target = clf.features if spec.source == "torchvision" and spec.name == "alexnet" else clf
+        own = target.state_dict()
+        missing = [k for k in enc.model.state_dict() if k not in own]
+        if missing:
+            raise WeightsError(f"model.net.init_weights={init_weights}: keys {missing[:3]} have no place in the classifier")
+        target.load_state_dict(enc.model.state_dict(), strict=False)
+    return clf

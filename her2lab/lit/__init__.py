@@ -1,0 +1,1 @@
+"""LightningModules: they own loss, metrics and optimisers; networks are plain nn.Modules."""

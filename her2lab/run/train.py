@@ -1,0 +1,119 @@
+"""The training task: seed → data → model → fit → test the best checkpoint → metrics on disk.
+
+Loggers are always closed, even on a crash, so a failed W&B run never leaks into the next
+multirun job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from her2lab.data.labels import label_scheme
+from her2lab.data.patches import SlideRecord
+from her2lab.data.splits import save_splits, split_for_fold
+from her2lab.errors import Her2labError
+from her2lab.io import atomic_path, ensure_writable_dir
+from her2lab.run.cohort import resolve_cohort
+from her2lab.run.prepare import PrepareSettings, prepare_cohort
+from her2lab.slides.tiling import TilingParams
+from her2lab.slides.tissue import TissueParams
+
+log = logging.getLogger(__name__)
+
+
+def prepared_splits(cfg: DictConfig, run_dir: Path, tiling: TilingParams) -> dict[str, list[SlideRecord]]:
+    """Manifest → labels → patient-grouped split → tiles (made if missing) → records per split."""
+    manifest = resolve_cohort(cfg.cohort, num_workers=cfg.get("num_workers", 1))
+    scheme = label_scheme(cfg.labels.name, cfg.labels.get("classes"))
+    labels = scheme.encode(manifest)
+    split = split_for_fold(manifest, labels, int(cfg.fold), int(cfg.data.n_folds), int(cfg.seed))
+    save_splits(run_dir / "splits.csv", manifest, labels, split)
+    prep = PrepareSettings(
+        cache_dir=Path(cfg.cohort.cache_dir), tiling=tiling,
+        tissue=TissueParams(**OmegaConf.to_container(cfg.tissue, resolve=True)), qc=True,
+    )
+    report = prepare_cohort(manifest, prep, num_workers=cfg.get("num_workers", 1))
+    failed = set(report.slide_id[report.status == "failed"])
+    if failed:
+        log.warning("%d slide(s) left out (failed preparation): %s", len(failed), ", ".join(sorted(failed)[:10]))
+    out: dict[str, list[SlideRecord]] = {"train": [], "val": [], "test": []}
+    for r, y, s in zip(manifest.itertuples(), labels, split, strict=True):
+        if r.slide_id not in failed:
+            mpp = None if pd.isna(r.mpp) else float(r.mpp)
+            out[s].append(SlideRecord(r.slide_id, r.path, str(prep.tiles_path(r.slide_id)), int(y), mpp))
+    for s in ("train", "val"):
+        if not out[s]:
+            raise Her2labError(f"the {s} split is empty (fold={cfg.fold}, data.n_folds={cfg.data.n_folds}); use more slides or fewer folds")
+    return out
+
+
+def build_datamodule(cfg: DictConfig, run_dir: Path) -> pl.LightningDataModule:
+    kind = cfg.data.kind
+    bb = cfg.backbone
+    if kind == "patches":
+        tiling = TilingParams(target_mpp=bb.target_mpp, patch_px=bb.input_px, min_tissue=cfg.data.min_tissue)
+        splits = prepared_splits(cfg, run_dir, tiling)
+        return instantiate(cfg.data.module, splits=splits, mean=list(bb.mean), std=list(bb.std))
+    if kind == "patch_folder":
+        return instantiate(
+            cfg.data.module, input_px=bb.input_px, mean=list(bb.mean), std=list(bb.std), num_classes=cfg.labels.num_classes
+        )
+    raise Her2labError(f"data.kind={kind!r} is not known here; use patches or patch_folder")
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Run one training job; returns ``cfg.optimized_metric`` for sweeps."""
+    run_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
+    pl.seed_everything(int(cfg.seed), workers=True)
+    torch.set_float32_matmul_precision("high")
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    dm = build_datamodule(cfg, run_dir)
+    module = instantiate(cfg.model)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        ckpt = trainer.checkpoint_callback
+        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+        if best is None:
+            log.warning("no best checkpoint (no validation metric?): testing the last weights")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=False) if best else trainer.test(module, datamodule=dm)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        metrics["best_checkpoint"] = best or ""
+        with atomic_path(run_dir / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        if cfg.get("export_encoder"):
+            export_encoder(module, cfg, Path(cfg.export_encoder), run_dir)
+        log.info("run folder: %s", run_dir)
+        return metrics.get(cfg.get("optimized_metric", ""))
+    finally:
+        for lg in loggers:
+            if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
+                import wandb
+
+                wandb.finish()
+
+
+def export_encoder(module: pl.LightningModule, cfg: DictConfig, path: Path, run_dir: Path) -> Path:
+    """Save the encoder part of the (best) patch classifier where ``backbone=…`` will find it."""
+    from her2lab.embed.backbones import BackboneSpec, create_model, headless_state, save_encoder
+
+    spec = BackboneSpec(**{**OmegaConf.to_container(cfg.backbone, resolve=True), "weights": None, "pretrained": False})
+    headless = create_model(spec)
+    headless.load_state_dict(headless_state(module.net.cpu(), spec))
+    extra = {"cohort": cfg.cohort.name, "labels": cfg.labels.name, "task_name": cfg.task_name, "run_dir": str(run_dir)}
+    save_encoder(headless, spec, path, extra)
+    save_encoder(headless, spec, run_dir / "encoder.safetensors", extra)
+    log.info("encoder exported to %s (use: backbone=%s backbone.weights=%s)", path, spec.label, path)
+    return path
