@@ -54,3 +54,28 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
             "choose another location (e.g. paths.data_dir=/some/writable/dir)"
         ) from None
     return path
+
+
+def write_h5(path: str | os.PathLike, datasets: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
+    """Write an HDF5 file atomically: built in memory, then written to disk in one go.
+
+    HDF5 never touches the disk itself, so a full disk is a plain ``OSError`` from the final write
+    (HDF5 failing mid-file leaves library state that can crash the process at exit).
+    ``datasets`` values are arrays, or ``(array, {"compression": …})`` pairs.
+    """
+    import io
+
+    import h5py
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        for name, value in datasets.items():
+            data, kw = value if isinstance(value, tuple) else (value, {})
+            f.create_dataset(name, data=data, **kw)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(buf.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())

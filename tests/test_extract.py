@@ -126,7 +126,6 @@ def test_encoder_input_size_must_match_tiles(prepared, tmp_path):
     assert "tiles are 64px but the encoder takes 96px" in report.error[0]
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # h5py's failed close
 def test_disk_full_mid_write_keeps_finished_slides(prepared, tmp_path):
     items, _ = prepared
     enc = build_encoder(_spec())

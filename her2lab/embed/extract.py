@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from her2lab import __version__
 from her2lab.embed.backbones import Encoder
 from her2lab.errors import Her2labError, OutputError, SlideError, StaleCacheError
-from her2lab.io import atomic_path, param_hash
+from her2lab.io import param_hash, write_h5
 from her2lab.progress import progress_bar
 from her2lab.slides.reader import Slide
 from her2lab.slides.tiling import TileGeometry, TileReader
@@ -240,18 +240,14 @@ def check_features_file(path: Path, want: dict, overwrite: bool) -> bool:
 
 def write_features(path: Path, feats: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
     try:
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=feats)
-            f.create_dataset("coords", data=coords.astype(np.int64))
-            for k, v in attrs.items():
-                f.attrs[k] = v
-    except (OSError, RuntimeError) as exc:  # h5py reports failed writes at close as RuntimeError
-        text = str(exc)
-        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
-            s in text for s in ("No space left", "File too large", "Disk quota", f"errno = {errno.ENOSPC}")
-        )
-        why = "disk full" if full else (getattr(exc, "strerror", None) or type(exc).__name__)
-        raise OutputError(f"{path}: could not write features ({why}); free space or move paths.data_dir; finished slides are intact") from None
+        write_h5(path, {"features": feats, "coords": coords.astype(np.int64)}, attrs)
+    except OSError as exc:
+        full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        why = "disk full" if full else (exc.strerror or type(exc).__name__)
+        raise OutputError(
+            f"{path}: could not write features ({why}); free space or move paths.data_dir; "
+            "finished slides are intact"
+        ) from None
 
 
 def extract_cohort(

@@ -28,7 +28,7 @@ import pandas as pd
 
 from her2lab import __version__
 from her2lab.errors import Her2labError, SlideError, StaleCacheError
-from her2lab.io import atomic_path, ensure_writable_dir, param_hash
+from her2lab.io import atomic_path, ensure_writable_dir, param_hash, write_h5
 from her2lab.progress import progress_bar
 from her2lab.slides.reader import Slide
 from her2lab.slides.thumbnails import qc_image, resize_to_mpp, save_png
@@ -198,14 +198,12 @@ def write_tiles_h5(
         "param_hash": tiles_params_hash(settings, slide.level0_mpp, slide.dimensions),
         "her2lab_version": __version__,
     }
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("coords", data=coords.astype(np.int64))
-        f.create_dataset("tissue_fraction", data=frac.astype(np.float32))
-        f.create_dataset(
-            "tissue_mask", data=mask.astype(np.uint8), compression="gzip", compression_opts=4
-        )
-        for k, v in attrs.items():
-            f.attrs[k] = v
+    datasets = {
+        "coords": coords.astype(np.int64),
+        "tissue_fraction": frac.astype(np.float32),
+        "tissue_mask": (mask.astype(np.uint8), {"compression": "gzip", "compression_opts": 4}),
+    }
+    write_h5(path, datasets, attrs)
 
 
 def read_tiles_h5(path: str | os.PathLike) -> tuple[np.ndarray, dict]:

@@ -1,0 +1,270 @@
+"""Benchmark: embedding extraction throughput against the encoder alone, and features storage.
+
+Measures, on a synthetic cohort written to a temporary folder (removed at the end), for two
+encoders with random weights (``pretrained=False``, nothing is downloaded) — light: AlexNet conv
+features at 96 px (1024-d, as in the H&E-HER2 study), standard: resnet18 at 224 px (512-d) —
+both on tiles at 0.5 µm/px:
+
+1. Pipeline patches/s: wall time of ``extract_cohort`` over all tiles of the cohort (tiles-file
+   loading, tile reads from the slides, DataLoader collation, uint8 → normalised float on the
+   device, forward, NaN check, float16 h5 writing; a fresh output folder every run), with
+   ``ExtractSettings.num_workers`` 0 and 1, against model-only patches/s: the same encoder, in
+   ``torch.inference_mode``, on random float32 channels-last tensors already in memory, in batches
+   of the same sizes as the pipeline's (batch size 64; batches never cross a slide, so each
+   slide ends with a smaller one), with the same torch thread count — the upper bound.
+2. Where the time goes (ms per patch, against the forward's ms per patch): reading the tiles
+   alone (the pipeline's ``TileDataset`` through a ``DataLoader``, ``num_workers=0``), the uint8 →
+   normalised float conversion as ``Embedder.embed`` does it, and their sum with the forward
+   against the pipeline's time (``num_workers=0``).
+3. Storage: bytes on disk of one slide's features file written with ``dtype="float16"`` (the
+   default) against ``dtype="float32"``.
+
+The competing variants run side by side in each round (their order rotating between rounds)
+after one warm-up pass; the table gives the median over rounds of each, and the ratio is the
+median of the per-round ratios.
+
+Run: ``python bench/extract.py`` (``--quick`` for a smoke run; ``--help`` for the options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from her2lab.data.cohort import load_manifest
+from her2lab.data.synthetic import SyntheticConfig, generate_cohort
+from her2lab.embed.backbones import BackboneSpec, Encoder, build_encoder
+from her2lab.embed.extract import (
+    Embedder,
+    ExtractSettings,
+    SlideBatchSampler,
+    TileDataset,
+    extract_cohort,
+    load_slide_tiles,
+)
+from her2lab.run.prepare import PrepareSettings, prepare_cohort
+from her2lab.slides.tiling import TilingParams
+from her2lab.slides.tissue import TissueParams
+
+BATCH = 64
+WORKERS = (0, 1)
+ENCODERS = {
+    "light (AlexNet@96)": BackboneSpec(
+        name="alexnet", source="torchvision", input_px=96, pretrained=False
+    ),
+    "standard (resnet18@224)": BackboneSpec(name="resnet18", input_px=224, pretrained=False),
+}
+
+
+class Case:
+    """One encoder with its tiles: the items ``extract_cohort`` takes and its batch sizes."""
+
+    def __init__(self, label: str, spec: BackboneSpec, manifest, cache: Path) -> None:
+        self.label = label
+        self.encoder: Encoder = build_encoder(spec)
+        self.px = spec.input_px
+        settings = PrepareSettings(
+            cache,
+            tiling=TilingParams(target_mpp=0.5, patch_px=self.px),
+            tissue=TissueParams(),
+            qc=False,
+        )
+        report = prepare_cohort(manifest, settings, num_workers=min(2, os.cpu_count() or 1))
+        if (report.status != "done").any():
+            raise SystemExit(
+                f"prepare failed: {report[report.status != 'done'].to_dict('records')}"
+            )
+        self.items = [
+            (r.slide_id, r.path, None, settings.tiles_path(r.slide_id))
+            for r in manifest.itertuples()
+        ]
+        self.dataset = TileDataset([load_slide_tiles(p, s, sp, m) for s, sp, m, p in self.items])
+        self.n_tiles = len(self.dataset)
+        self.batches = [len(b) for b in SlideBatchSampler(self.dataset.offsets, BATCH)]
+        # Model-only inputs: one random channels-last tensor per batch size, made once.
+        gen = torch.Generator().manual_seed(0)
+        self.inputs = {
+            b: torch.randn(b, 3, self.px, self.px, generator=gen).contiguous(
+                memory_format=torch.channels_last
+            )
+            for b in set(self.batches)
+        }
+        self.encoder.to(memory_format=torch.channels_last)  # as Embedder does
+        self.embedder = Embedder(self.encoder, device="cpu")
+
+
+def run_pipeline(case: Case, out: Path, workers: int, dtype: str = "float16", items=None) -> float:
+    settings = ExtractSettings(batch_size=BATCH, num_workers=workers, device="cpu", dtype=dtype)
+    t0 = time.perf_counter()
+    report = extract_cohort(items or case.items, case.encoder, out, settings)
+    dt = time.perf_counter() - t0
+    if (report.status != "done").any():
+        raise SystemExit(f"extract failed: {report[report.status != 'done'].to_dict('records')}")
+    return dt
+
+
+def run_model(case: Case) -> float:
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for b in case.batches:
+            case.encoder(case.inputs[b])
+        return time.perf_counter() - t0
+
+
+def run_read(case: Case) -> tuple[float, list[torch.Tensor]]:
+    """The pipeline's tile reading alone: TileDataset through a DataLoader, no model."""
+    loader = DataLoader(
+        case.dataset, batch_sampler=SlideBatchSampler(case.dataset.offsets, BATCH), num_workers=0
+    )
+    t0 = time.perf_counter()
+    batches = [tiles for tiles, _, _, _ in loader]
+    return time.perf_counter() - t0, batches
+
+
+def run_convert(case: Case, batches: list[torch.Tensor]) -> float:
+    """uint8 NHWC → normalised float32 channels-last, as ``Embedder.embed`` does it."""
+    e = case.embedder
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for tiles in batches:
+            x = tiles.to(e.device).permute(0, 3, 1, 2)
+            (x.float() - e.mean) / e.std
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slides", type=int, default=3, help="synthetic slides (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    ap.add_argument("--quick", action="store_true", help="1 slide, 2 rounds")
+    args = ap.parse_args()
+    if args.quick:
+        args.slides, args.rounds = 1, 2
+    logging.getLogger("her2lab").setLevel(logging.ERROR)  # "random weights" warnings
+
+    tmp = Path(tempfile.mkdtemp(prefix="her2lab_bench_"))
+    try:
+        t0 = time.perf_counter()
+        cfg = SyntheticConfig(n_slides=args.slides, n_pairs=0, seed=0)
+        manifest = load_manifest(
+            generate_cohort(tmp / "cohort", cfg, num_workers=min(2, os.cpu_count() or 1))
+        )
+        gen_s = time.perf_counter() - t0
+        cases = [Case(label, spec, manifest, tmp / "cache") for label, spec in ENCODERS.items()]
+
+        runs = 0
+
+        def fresh() -> Path:
+            nonlocal runs
+            runs += 1
+            return tmp / "features" / f"run{runs}"
+
+        # Warm-up: the encoder's kernels for every batch shape, the pipeline's imports and files.
+        for case in cases:
+            run_model(case)
+            run_pipeline(case, fresh(), 0, items=case.items[:1])
+
+        variants = [f"pipe{w}" for w in WORKERS] + ["model", "read"]
+        res = {c.label: {v: [] for v in [*variants, "convert"]} for c in cases}
+        ratio = {c.label: {w: [] for w in WORKERS} for c in cases}
+        for r in range(args.rounds):
+            for case in cases:
+                order = variants[r % len(variants) :] + variants[: r % len(variants)]
+                got = {}
+                for v in order:
+                    if v == "model":
+                        got[v] = run_model(case)
+                    elif v == "read":
+                        got[v], batches = run_read(case)
+                        got["convert"] = run_convert(case, batches)
+                        del batches
+                    else:
+                        out = fresh()
+                        got[v] = run_pipeline(case, out, int(v[4:]))
+                        shutil.rmtree(out)
+                for v, dt in got.items():
+                    res[case.label][v].append(dt)
+                for w in WORKERS:
+                    ratio[case.label][w].append(got["model"] / got[f"pipe{w}"])
+
+        storage = {}
+        for case in cases:  # deterministic: one run per dtype, on the first slide
+            sizes = {}
+            for dtype in ("float16", "float32"):
+                out = fresh()
+                run_pipeline(case, out, 0, dtype=dtype, items=case.items[:1])
+                sizes[dtype] = (out / f"{case.items[0][0]}.h5").stat().st_size
+            storage[case.label] = sizes
+
+        med = statistics.median
+        print(
+            f"# bench/extract.py: {os.cpu_count()} CPUs, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, Python {sys.version.split()[0]}; {args.slides} "
+            f"synthetic slides {cfg.width_px}x{cfg.height_px} px @ {cfg.mpp} µm/px, tiles at "
+            f"0.5 µm/px; batch size {BATCH}; random weights; {args.rounds} rounds; cohort "
+            f"written in {gen_s:.0f} s\n"
+        )
+        print("| measurement | her2lab | baseline | ratio |")
+        print("|---|---:|---:|---:|")
+        for case in cases:
+            m, n = res[case.label], case.n_tiles
+            model = med(m["model"])
+            for w in WORKERS:
+                print(
+                    f"| {case.label}: patches/s, extract_cohort num_workers={w}, {n} tiles "
+                    f"(baseline: model-only forward) | {n / med(m[f'pipe{w}']):.1f} "
+                    f"| {n / model:.1f} | {med(ratio[case.label][w]):.2f}x |"
+                )
+        for case in cases:
+            m, n = res[case.label], case.n_tiles
+            fwd = [t / n * 1e3 for t in m["model"]]
+            for what, key in (
+                ("tile reading alone (DataLoader, num_workers=0)", "read"),
+                ("uint8 → normalised float (as Embedder.embed)", "convert"),
+            ):
+                ms = [t / n * 1e3 for t in m[key]]
+                print(
+                    f"| {case.label}: {what}, ms/patch (baseline: forward ms/patch) "
+                    f"| {med(ms):.3f} | {med(fwd):.3f} "
+                    f"| {med(a / b for a, b in zip(ms, fwd, strict=True)):.2f}x |"
+                )
+            serial = [
+                (a + b + c) / n * 1e3
+                for a, b, c in zip(m["read"], m["convert"], m["model"], strict=True)
+            ]
+            pipe = [t / n * 1e3 for t in m["pipe0"]]
+            print(
+                f"| {case.label}: read + convert + forward, ms/patch (baseline: extract_cohort "
+                f"num_workers=0 ms/patch) | {med(serial):.3f} | {med(pipe):.3f} "
+                f"| {med(a / b for a, b in zip(serial, pipe, strict=True)):.2f}x |"
+            )
+        for case in cases:
+            s = storage[case.label]
+            n1 = len(case.dataset.slides[0].coords)
+            d = case.encoder.spec.embed_dim
+            print(
+                f"| {case.label}: features file bytes, 1 slide ({n1} tiles x {d}-d), float16 "
+                f"(baseline: float32) | {s['float16']} | {s['float32']} "
+                f"| {s['float16'] / s['float32']:.2f}x |"
+            )
+        print(
+            "\nMedians over rounds; ratio = median of per-round ratios (patches/s: pipeline "
+            "rate / model-only rate; ms/patch: her2lab / baseline); storage: float16 bytes / "
+            "float32 bytes."
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
