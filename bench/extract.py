@@ -152,6 +152,7 @@ def main() -> None:
         args.slides, args.rounds = 1, 2
     logging.getLogger("her2lab").setLevel(logging.ERROR)  # "random weights" warnings
 
+    load0 = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="her2lab_bench_"))
     try:
         t0 = time.perf_counter()
@@ -212,7 +213,8 @@ def main() -> None:
             f"{torch.get_num_threads()} threads, Python {sys.version.split()[0]}; {args.slides} "
             f"synthetic slides {cfg.width_px}x{cfg.height_px} px @ {cfg.mpp} µm/px, tiles at "
             f"0.5 µm/px; batch size {BATCH}; random weights; {args.rounds} rounds; cohort "
-            f"written in {gen_s:.0f} s\n"
+            f"written in {gen_s:.0f} s; 1-min load average {load0:.2f} at start, "
+            f"{os.getloadavg()[0]:.2f} at end\n"
         )
         print("| measurement | her2lab | baseline | ratio |")
         print("|---|---:|---:|---:|")

@@ -75,7 +75,6 @@ def write_h5(path: str | os.PathLike, datasets: Mapping[str, Any], attrs: Mappin
         for k, v in attrs.items():
             f.attrs[k] = v
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(buf.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
+        # No fsync: the rename makes a killed process harmless, and a sync per slide cost
+        # about 1 ms per patch of extraction throughput on small slides.
+        tmp.write_bytes(buf.getbuffer())
