@@ -12,22 +12,23 @@ from her2lab.data.synthetic import SyntheticConfig, generate_cohort
 SMALL = {"width_px": 4096, "height_px": 3072}  # the demo size: 2 × 1.5 mm at 0.5 µm/px
 
 
+def _cohort(tmp_path_factory, stain: str) -> tuple[Path, SyntheticConfig]:
+    root = tmp_path_factory.mktemp(f"demo_{stain}")
+    cfg = SyntheticConfig(n_slides=8, n_pairs=2, stain=stain, seed=3, **SMALL)
+    generate_cohort(root, cfg, num_workers=2)
+    return root, cfg
+
+
 @pytest.fixture(scope="session")
 def hne_cohort(tmp_path_factory) -> tuple[Path, SyntheticConfig]:
     """8 synthetic H&E slides (4096×3072 px at 0.5 µm/px), two patients with two slides."""
-    root = tmp_path_factory.mktemp("demo_hne")
-    cfg = SyntheticConfig(n_slides=8, n_pairs=2, stain="hne", seed=3, **SMALL)
-    generate_cohort(root, cfg, num_workers=2)
-    return root, cfg
+    return _cohort(tmp_path_factory, "hne")
 
 
 @pytest.fixture(scope="session")
 def ihc_cohort(tmp_path_factory) -> tuple[Path, SyntheticConfig]:
     """The IHC twin of :func:`hne_cohort` (same cases, DAB membrane staining)."""
-    root = tmp_path_factory.mktemp("demo_ihc")
-    cfg = SyntheticConfig(n_slides=8, n_pairs=2, stain="ihc", seed=3, **SMALL)
-    generate_cohort(root, cfg, num_workers=2)
-    return root, cfg
+    return _cohort(tmp_path_factory, "ihc")
 
 
 def gradient_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:

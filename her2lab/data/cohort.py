@@ -86,26 +86,8 @@ def load_manifest(path: str | os.PathLike, mpp_override: float | None = None) ->
             f"{path}: duplicate slide_id {', '.join(sorted(set(dup))[:5])} on line(s) {_lines(dup.index)}; "
             "slide ids must be unique"
         )
-    scores = df["her2_score"].str.lower().map(_SCORE_ALIASES)
-    bad = df.index[scores.isna()]
-    if len(bad):
-        vals = sorted(set(df.loc[bad, "her2_score"]))
-        raise ManifestError(
-            f"{path}: unknown her2_score {', '.join(map(repr, vals[:5]))} on line(s) {_lines(bad)}; "
-            f"use one of {', '.join(HER2_SCORES)}"
-        )
-    df["her2_score"] = scores
-    if "ish" in df.columns:
-        ish = df["ish"].str.lower().map(_ISH_ALIASES)
-        bad = df.index[ish.isna()]
-        if len(bad):
-            vals = sorted(set(df.loc[bad, "ish"]))
-            raise ManifestError(
-                f"{path}: unknown ish {', '.join(map(repr, vals[:5]))} on line(s) {_lines(bad)}; use pos, neg or leave empty"
-            )
-        df["ish"] = ish
-    else:
-        df["ish"] = ""
+    df["her2_score"] = _normalise(df, "her2_score", _SCORE_ALIASES, path, f"use one of {', '.join(HER2_SCORES)}")
+    df["ish"] = _normalise(df, "ish", _ISH_ALIASES, path, "use pos, neg or leave empty") if "ish" in df.columns else ""
     if "mpp" in df.columns:
         mpp = pd.to_numeric(df["mpp"].replace("", None), errors="coerce")
         bad = df.index[(df["mpp"] != "") & ~(mpp > 0)]
@@ -121,6 +103,16 @@ def load_manifest(path: str | os.PathLike, mpp_override: float | None = None) ->
     base = path.parent
     df["path"] = [str(p if Path(p).is_absolute() else (base / p)) for p in df["path"]]
     return df.reset_index(drop=True)
+
+
+def _normalise(df: pd.DataFrame, col: str, aliases: dict[str, str], path: Path, fix: str) -> pd.Series:
+    """Map a column's values through ``aliases``; unknown values are one error naming the lines."""
+    values = df[col].str.lower().map(aliases)
+    bad = df.index[values.isna()]
+    if len(bad):
+        vals = sorted(set(df.loc[bad, col]))
+        raise ManifestError(f"{path}: unknown {col} {', '.join(map(repr, vals[:5]))} on line(s) {_lines(bad)}; {fix}")
+    return values
 
 
 def _lines(index: pd.Index) -> str:
