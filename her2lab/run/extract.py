@@ -29,12 +29,13 @@ def features_dir(cache_dir: str | Path, tiling: TilingParams, spec: BackboneSpec
     return Path(cache_dir) / "features" / tiling.name / spec.label
 
 
-def run_extract(cfg: DictConfig) -> pd.DataFrame:
+def run_extract(cfg: DictConfig, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
     """Prepare (if needed) and embed this process's shard of the cohort; returns the report."""
     spec = backbone_spec(cfg.backbone)
     encoder = build_encoder(spec)  # fails fast on missing weights, before any slide work
     tiling = TilingParams(**OmegaConf.to_container(cfg.tiling, resolve=True))
-    manifest = resolve_cohort(cfg.cohort, num_workers=cfg.num_workers)
+    if manifest is None:
+        manifest = resolve_cohort(cfg.cohort, num_workers=cfg.num_workers)
     ex = cfg.extract
     shard, n_shards = shard_of(len(manifest), ex.get("shard"), ex.get("num_shards"))
     mine = manifest.iloc[shard::n_shards].reset_index(drop=True)

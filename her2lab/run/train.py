@@ -14,7 +14,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from her2lab.data.labels import label_scheme
 from her2lab.data.patches import SlideRecord
@@ -29,35 +29,77 @@ from her2lab.slides.tissue import TissueParams
 log = logging.getLogger(__name__)
 
 
-def prepared_splits(cfg: DictConfig, run_dir: Path, tiling: TilingParams) -> dict[str, list[SlideRecord]]:
-    """Manifest → labels → patient-grouped split → tiles (made if missing) → records per split."""
+def cohort_split(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    """Manifest with ``label`` and ``split`` columns (patient-grouped folds), saved to the run."""
     manifest = resolve_cohort(cfg.cohort, num_workers=cfg.get("num_workers", 1))
     scheme = label_scheme(cfg.labels.name, cfg.labels.get("classes"))
     labels = scheme.encode(manifest)
     split = split_for_fold(manifest, labels, int(cfg.fold), int(cfg.data.n_folds), int(cfg.seed))
     save_splits(run_dir / "splits.csv", manifest, labels, split)
-    prep = PrepareSettings(
-        cache_dir=Path(cfg.cohort.cache_dir), tiling=tiling,
-        tissue=TissueParams(**OmegaConf.to_container(cfg.tissue, resolve=True)), qc=True,
-    )
-    report = prepare_cohort(manifest, prep, num_workers=cfg.get("num_workers", 1))
-    failed = set(report.slide_id[report.status == "failed"])
-    if failed:
-        log.warning("%d slide(s) left out (failed preparation): %s", len(failed), ", ".join(sorted(failed)[:10]))
-    out: dict[str, list[SlideRecord]] = {"train": [], "val": [], "test": []}
-    for r, y, s in zip(manifest.itertuples(), labels, split, strict=True):
-        if r.slide_id not in failed:
-            mpp = None if pd.isna(r.mpp) else float(r.mpp)
-            out[s].append(SlideRecord(r.slide_id, r.path, str(prep.tiles_path(r.slide_id)), int(y), mpp))
+    return manifest.assign(label=labels.values, split=split.values)
+
+
+def _by_split(table: pd.DataFrame, make, cfg: DictConfig) -> dict[str, list]:
+    out: dict[str, list] = {"train": [], "val": [], "test": []}
+    for r in table.itertuples():
+        out[r.split].append(make(r))
     for s in ("train", "val"):
         if not out[s]:
             raise Her2labError(f"the {s} split is empty (fold={cfg.fold}, data.n_folds={cfg.data.n_folds}); use more slides or fewer folds")
     return out
 
 
+def _drop_failed(table: pd.DataFrame, failed: set[str], what: str) -> pd.DataFrame:
+    if failed:
+        log.warning("%d slide(s) left out (failed %s): %s", len(failed), what, ", ".join(sorted(failed)[:10]))
+    return table[~table.slide_id.isin(failed)]
+
+
+def prepared_splits(cfg: DictConfig, run_dir: Path, tiling: TilingParams) -> dict[str, list[SlideRecord]]:
+    """Split cohort → tiles (made if missing) → patch-classifier records per split."""
+    table = cohort_split(cfg, run_dir)
+    prep = PrepareSettings(
+        cache_dir=Path(cfg.cohort.cache_dir), tiling=tiling,
+        tissue=TissueParams(**OmegaConf.to_container(cfg.tissue, resolve=True)), qc=True,
+    )
+    report = prepare_cohort(table, prep, num_workers=cfg.get("num_workers", 1))
+    table = _drop_failed(table, set(report.slide_id[report.status == "failed"]), "preparation")
+    return _by_split(
+        table,
+        lambda r: SlideRecord(r.slide_id, r.path, str(prep.tiles_path(r.slide_id)), int(r.label), None if pd.isna(r.mpp) else float(r.mpp)),
+        cfg,
+    )
+
+
+def bag_splits(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, list], pd.DataFrame]:
+    """Split cohort → features (extracted when missing, or a given folder) → bag records."""
+    from her2lab.data.bags import BagRecord
+    from her2lab.run.extract import backbone_spec, features_dir, run_extract
+
+    table = cohort_split(cfg, run_dir)
+    if cfg.data.get("features_dir"):
+        folder = Path(cfg.data.features_dir)
+        missing = {s for s in table.slide_id if not (folder / f"{s}.h5").exists()}
+    else:
+        report = run_extract(cfg, manifest=table)
+        tiling = TilingParams(**OmegaConf.to_container(cfg.tiling, resolve=True))
+        folder = features_dir(cfg.cohort.cache_dir, tiling, backbone_spec(cfg.backbone))
+        missing = set(report.slide_id[report.status == "failed"])
+    table = _drop_failed(table, missing, "feature extraction / no features file")
+    return _by_split(table, lambda r: BagRecord(r.slide_id, str(folder / f"{r.slide_id}.h5"), int(r.label)), cfg), table
+
+
 def build_datamodule(cfg: DictConfig, run_dir: Path) -> pl.LightningDataModule:
     kind = cfg.data.kind
     bb = cfg.backbone
+    if kind == "bags":
+        splits, _ = bag_splits(cfg, run_dir)
+        if bb.embed_dim is None:  # a timm model by name: the features say their size
+            from her2lab.data.bags import read_features
+
+            with open_dict(cfg):
+                cfg.backbone.embed_dim = int(read_features(splits["train"][0].features_path)[0].shape[1])
+        return instantiate(cfg.data.module, splits=splits, embed_dim=cfg.backbone.embed_dim)
     if kind == "patches":
         tiling = TilingParams(target_mpp=bb.target_mpp, patch_px=bb.input_px, min_tissue=cfg.data.min_tissue)
         splits = prepared_splits(cfg, run_dir, tiling)
@@ -66,7 +108,21 @@ def build_datamodule(cfg: DictConfig, run_dir: Path) -> pl.LightningDataModule:
         return instantiate(
             cfg.data.module, input_px=bb.input_px, mean=list(bb.mean), std=list(bb.std), num_classes=cfg.labels.num_classes
         )
-    raise Her2labError(f"data.kind={kind!r} is not known here; use patches or patch_folder")
+    raise Her2labError(f"data.kind={kind!r} is not known; use bags, patches or patch_folder")
+
+
+def write_predictions(module, dm, cfg: DictConfig, path: Path) -> None:
+    """One row per test slide: slide_id, label, per-class probabilities, fold."""
+    ds = dm.datasets["test" if "test" in dm.datasets else "val"]
+    classes = list(cfg.labels.classes)
+    rows = []
+    for o in sorted(module.test_outputs, key=lambda o: o["index"]):
+        rec = ds.records[o["index"]]
+        rows.append({"slide_id": rec.slide_id, "label": classes[o["label"]], "label_index": o["label"],
+                     **{f"p_{c}": p for c, p in zip(classes, o["probs"], strict=True)},
+                     "pred": classes[int(max(range(len(classes)), key=lambda i: o["probs"][i]))], "fold": int(cfg.fold)})
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -91,6 +147,9 @@ def train(cfg: DictConfig) -> float | None:
         trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=False) if best else trainer.test(module, datamodule=dm)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         metrics["best_checkpoint"] = best or ""
+        if hasattr(module, "test_outputs"):
+            write_predictions(module, dm, cfg, run_dir / "predictions.csv")
+            metrics["test/confusion_matrix"] = module.confusion.compute().tolist()
         with atomic_path(run_dir / "metrics.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
         if cfg.get("export_encoder"):

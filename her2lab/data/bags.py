@@ -1,0 +1,135 @@
+"""Bags of tile embeddings for MIL: one bag per slide, read from feature h5 files.
+
+Reads her2lab's features files and TRIDENT/CLAM-style ones alike (datasets ``features`` (N, D)
+and ``coords`` (N, 2)). Training draws a random sub-bag of ``bag_size`` tiles per slide each
+time a slide is visited (the H&E-HER2 study used 100); validation and test use every tile, so
+each slide gets exactly one prediction. Bags of different sizes are padded into a batch with a
+mask (True = real tile).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from her2lab.errors import Her2labError
+
+
+@dataclass
+class BagRecord:
+    slide_id: str
+    features_path: str
+    label: int
+
+
+def read_features(path: str | Path, expect_dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``features`` (N, D) float32 and ``coords`` (N, 2) of one slide; one-line errors for bad files."""
+    try:
+        with h5py.File(path, "r") as f:
+            feats = f["features"][:]
+            coords = f["coords"][:] if "coords" in f else np.zeros((len(feats), 2), np.int64)
+    except FileNotFoundError:
+        raise Her2labError(f"{path}: features file missing; run python -m her2lab.extract") from None
+    except (OSError, KeyError) as exc:
+        raise Her2labError(f"{path}: not a features file ({type(exc).__name__}); re-run extraction") from None
+    if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM-style (1, N, D)
+        feats = feats[0]
+    if feats.ndim != 2 or len(feats) == 0:
+        raise Her2labError(f"{path}: empty bag or features of shape {feats.shape}; expected (N, D) with N ≥ 1")
+    if expect_dim is not None and feats.shape[1] != expect_dim:
+        raise Her2labError(
+            f"{path}: {feats.shape[1]}-d features but the model expects {expect_dim}; "
+            "match backbone.embed_dim to the features (or re-extract)"
+        )
+    return feats.astype(np.float32), coords
+
+
+class BagDataset(Dataset):
+    """item → (features (n, D) float32 tensor, label, index)."""
+
+    def __init__(
+        self, records: list[BagRecord], bag_size: int | None, train: bool, in_memory: bool, dim: int | None, seed: int
+    ) -> None:
+        self.records, self.bag_size, self.train, self.dim, self.seed = records, bag_size, train, dim, seed
+        self.cache = [read_features(r.features_path, dim)[0] for r in records] if in_memory else None
+        self.visits = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        feats = self.cache[i] if self.cache is not None else read_features(self.records[i].features_path, self.dim)[0]
+        if self.train and self.bag_size and len(feats) > self.bag_size:
+            self.visits += 1
+            rng = np.random.default_rng((self.seed, i, self.visits))
+            feats = feats[np.sort(rng.choice(len(feats), self.bag_size, replace=False))]
+        return torch.from_numpy(feats), self.records[i].label, i
+
+
+def pad_bags(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """List of (n_i, D) bags → features (B, N, D), mask (B, N), labels (B,), indices (B,)."""
+    n = max(len(b[0]) for b in batch)
+    d = batch[0][0].shape[1]
+    x = torch.zeros(len(batch), n, d)
+    mask = torch.zeros(len(batch), n, dtype=torch.bool)
+    for i, (f, _, _) in enumerate(batch):
+        x[i, : len(f)] = f
+        mask[i, : len(f)] = True
+    return x, mask, torch.tensor([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
+
+
+class BagDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        splits: dict[str, list[BagRecord]],
+        embed_dim: int | None = None,
+        bag_size: int | None = 100,
+        batch_size: int = 8,
+        eval_batch_size: int = 1,
+        balanced_sampler: bool = False,
+        in_memory: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.splits = splits
+        self.embed_dim, self.bag_size = embed_dim, bag_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.balanced_sampler, self.in_memory = balanced_sampler, in_memory
+        self.num_workers, self.seed = num_workers, seed
+        self.datasets: dict[str, BagDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        for name, recs in self.splits.items():
+            if recs and name not in self.datasets:
+                train = name == "train"
+                self.datasets[name] = BagDataset(
+                    recs, self.bag_size if train else None, train, self.in_memory, self.embed_dim, self.seed
+                )
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.datasets["train"]
+        sampler = None
+        if self.balanced_sampler:
+            labels = np.array([r.label for r in ds.records])
+            weights = 1.0 / np.bincount(labels)[labels]
+            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(ds), replacement=True)
+        return DataLoader(
+            ds, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
+            collate_fn=pad_bags, num_workers=self.num_workers,
+        )
+
+    def _eval(self, name: str) -> DataLoader:
+        return DataLoader(self.datasets[name], batch_size=self.eval_batch_size, collate_fn=pad_bags, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval("test" if "test" in self.datasets else "val")

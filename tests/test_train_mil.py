@@ -1,0 +1,65 @@
+"""Attention-MIL training end to end on a small synthetic cohort (real slides, encoder, Lightning)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import f1_score, roc_auc_score
+
+from her2lab.embed.backbones import BackboneSpec, create_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mil_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mil")
+    torch.manual_seed(0)
+    weights = tmp / "r18.pt"
+    torch.save(create_model(BackboneSpec(name="resnet18", pretrained=False)).state_dict(), weights)
+    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp / "data"), "HER2LAB_LOG_DIR": str(tmp / "logs")}
+    args = [
+        "data=bags", "model=abmil", "cohort=demo_ihc", "cohort.synthetic.n_slides=18", "cohort.synthetic.n_pairs=2",
+        "data.n_folds=3", "backbone=timm", "backbone.name=resnet18", f"backbone.weights={weights}",
+        "backbone.preset=r18", "backbone.input_px=64", "backbone.target_mpp=2.0", "trainer.max_epochs=3",
+        "data.module.bag_size=16", "data.module.batch_size=4", f"hydra.run.dir={tmp / 'run'}",
+    ]
+    res = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp / "run"
+
+
+def test_outputs_and_one_prediction_per_test_slide(mil_run):
+    metrics = json.loads((mil_run / "metrics.json").read_text())
+    preds = pd.read_csv(mil_run / "predictions.csv")
+    splits = pd.read_csv(mil_run / "splits.csv")
+    test_ids = set(splits.slide_id[splits.split == "test"])
+    assert set(preds.slide_id) == test_ids and len(preds) == len(test_ids)
+    probs = preds[[c for c in preds.columns if c.startswith("p_")]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    for key in ("test/auroc", "test/f1", "test/acc", "test/bacc", "test/qwk", "val/auroc_best", "test/confusion_matrix"):
+        assert key in metrics
+    assert np.asarray(metrics["test/confusion_matrix"]).sum() == len(test_ids)
+    # folds never share a patient
+    per_patient = splits.groupby("patient_id").split.nunique()
+    assert (per_patient == 1).all()
+
+
+def test_metrics_match_scikit_learn_on_the_same_predictions(mil_run):
+    metrics = json.loads((mil_run / "metrics.json").read_text())
+    preds = pd.read_csv(mil_run / "predictions.csv")
+    probs = preds[[c for c in preds.columns if c.startswith("p_")]].to_numpy()
+    y = preds.label_index.to_numpy()
+    present = np.unique(y)
+    # torchmetrics' macro one-vs-rest AUROC over the classes present in the test split
+    auroc = np.mean([roc_auc_score(y == c, probs[:, c]) for c in present])
+    assert metrics["test/auroc"] == pytest.approx(auroc, abs=1e-4)
+    assert metrics["test/acc"] == pytest.approx(float((probs.argmax(1) == y).mean()), abs=1e-6)
+    f1 = f1_score(y, probs.argmax(1), average="macro", labels=list(range(probs.shape[1])), zero_division=0)
+    assert metrics["test/f1"] == pytest.approx(f1, abs=1e-4)
