@@ -57,7 +57,7 @@ from her2lab.slides.tiling import TilingParams
 from her2lab.slides.tissue import TissueParams
 
 BATCH = 64
-WORKERS = (0, 1)
+WORKERS = ["0", "0t", "1"]  # num_workers; "t": with the prefetch thread (the default)
 ENCODERS = {
     "light (AlexNet@96)": BackboneSpec(
         name="alexnet", source="torchvision", input_px=96, pretrained=False
@@ -103,8 +103,11 @@ class Case:
         self.embedder = Embedder(self.encoder, device="cpu")
 
 
-def run_pipeline(case: Case, out: Path, workers: int, dtype: str = "float16", items=None) -> float:
-    settings = ExtractSettings(batch_size=BATCH, num_workers=workers, device="cpu", dtype=dtype)
+def run_pipeline(case: Case, out: Path, mode: str, dtype: str = "float16", items=None) -> float:
+    workers, thread = int(mode.rstrip("t")), mode.endswith("t")
+    settings = ExtractSettings(
+        batch_size=BATCH, num_workers=workers, device="cpu", dtype=dtype, prefetch=thread
+    )
     t0 = time.perf_counter()
     report = extract_cohort(items or case.items, case.encoder, out, settings)
     dt = time.perf_counter() - t0
@@ -173,7 +176,7 @@ def main() -> None:
         # Warm-up: the encoder's kernels for every batch shape, the pipeline's imports and files.
         for case in cases:
             run_model(case)
-            run_pipeline(case, fresh(), 0, items=case.items[:1])
+            run_pipeline(case, fresh(), "0", items=case.items[:1])
 
         variants = [f"pipe{w}" for w in WORKERS] + ["model", "read"]
         res = {c.label: {v: [] for v in [*variants, "convert"]} for c in cases}
@@ -191,7 +194,7 @@ def main() -> None:
                         del batches
                     else:
                         out = fresh()
-                        got[v] = run_pipeline(case, out, int(v[4:]))
+                        got[v] = run_pipeline(case, out, v[4:])
                         shutil.rmtree(out)
                 for v, dt in got.items():
                     res[case.label][v].append(dt)
@@ -203,7 +206,7 @@ def main() -> None:
             sizes = {}
             for dtype in ("float16", "float32"):
                 out = fresh()
-                run_pipeline(case, out, 0, dtype=dtype, items=case.items[:1])
+                run_pipeline(case, out, "0", dtype=dtype, items=case.items[:1])
                 sizes[dtype] = (out / f"{case.items[0][0]}.h5").stat().st_size
             storage[case.label] = sizes
 
@@ -223,7 +226,8 @@ def main() -> None:
             model = med(m["model"])
             for w in WORKERS:
                 print(
-                    f"| {case.label}: patches/s, extract_cohort num_workers={w}, {n} tiles "
+                    f"| {case.label}: patches/s, extract_cohort num_workers={w.rstrip('t')}"
+                    f"{' + prefetch thread' if w.endswith('t') else ', no prefetch'}, {n} tiles "
                     f"(baseline: model-only forward) | {n / med(m[f'pipe{w}']):.1f} "
                     f"| {n / model:.1f} | {med(ratio[case.label][w]):.2f}x |"
                 )

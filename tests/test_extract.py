@@ -209,8 +209,9 @@ def test_two_processes_shard_the_cohort_exactly_once(tmp_path, weights):
 @pytest.mark.slow
 def test_submitit_local_launcher_shards_like_slurm(tmp_path, weights):
     # The SLURM recipe (docs/encoders.md) with the local submitit executor: two jobs, one per shard.
-    cmd = _cli(tmp_path, weights, "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+    cmd = _cli(tmp_path, weights, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
                "extract.num_shards=2", "extract.shard=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    cmd.insert(3, "--multirun")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     folder = tmp_path / "data" / "demo" / "features" / "2mpp_64px_0px_overlap" / "resnet18"

@@ -16,6 +16,8 @@ import errno
 import json
 import logging
 import os
+import queue
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -53,6 +55,46 @@ class ExtractSettings:
     precision: str = "auto"  # "auto" → bf16 autocast on CUDA, fp32 on CPU; or "bf16", "fp32"
     dtype: str = "float16"  # storage dtype of features
     overwrite: bool = False
+    prefetch: bool = True  # with num_workers=0: read the next batch in a thread during the forward
+
+
+def prefetch(iterable, depth: int = 2):
+    """Yield from ``iterable`` while a background thread fetches up to ``depth`` items ahead.
+
+    Tile decoding (OpenSlide, through ctypes) and torch's kernels release the GIL, so reading
+    the next batch overlaps the current forward without the cost of worker processes.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in iterable:
+                if stop.is_set():
+                    return
+                q.put(item)
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(exc)
+        q.put(done)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(timeout=0.05)
 
 
 @dataclass
@@ -307,7 +349,8 @@ def _run(todo: list[tuple[SlideTiles, dict, Path]], encoder: Encoder, settings: 
     current, error, t_slide, done_tiles, t0 = 0, "", time.perf_counter(), 0, time.perf_counter()
     desc = f"embedding {len(ds)} tiles of {len(todo)} slides ({encoder.spec.label})"
     with progress_bar(desc, len(ds), unit="patches") as advance:
-        for tiles, j, _k, errs in loader:
+        batches = loader if settings.num_workers or not settings.prefetch else prefetch(loader, depth=2)
+        for tiles, j, _k, errs in batches:
             j = int(j[0])
             if j != current:
                 parts, current, error, t_slide = [], j, "", time.perf_counter()
