@@ -55,7 +55,10 @@ class ExtractSettings:
     precision: str = "auto"  # "auto" → bf16 autocast on CUDA, fp32 on CPU; or "bf16", "fp32"
     dtype: str = "float16"  # storage dtype of features
     overwrite: bool = False
-    prefetch: bool = True  # with num_workers=0: read the next batch in a thread during the forward
+    # With num_workers=0, read the next batch in a thread during the forward. None: only when the
+    # model runs on a GPU (on a 2-core CPU the thread competes with torch's threads: measured
+    # 0.62x vs 0.68x of model-only speed for AlexNet@96, see BENCHMARKS.md).
+    prefetch: bool | None = None
 
 
 def prefetch(iterable, depth: int = 2):
@@ -349,7 +352,8 @@ def _run(todo: list[tuple[SlideTiles, dict, Path]], encoder: Encoder, settings: 
     current, error, t_slide, done_tiles, t0 = 0, "", time.perf_counter(), 0, time.perf_counter()
     desc = f"embedding {len(ds)} tiles of {len(todo)} slides ({encoder.spec.label})"
     with progress_bar(desc, len(ds), unit="patches") as advance:
-        batches = loader if settings.num_workers or not settings.prefetch else prefetch(loader, depth=2)
+        use_thread = embedder.device.type == "cuda" if settings.prefetch is None else settings.prefetch
+        batches = prefetch(loader, depth=2) if use_thread and not settings.num_workers else loader
         for tiles, j, _k, errs in batches:
             j = int(j[0])
             if j != current:

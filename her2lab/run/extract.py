@@ -57,7 +57,7 @@ def run_extract(cfg: DictConfig, manifest: pd.DataFrame | None = None) -> pd.Dat
     settings = ExtractSettings(
         batch_size=int(ex.batch_size), num_workers=int(ex.num_workers), device=str(ex.device),
         precision=str(ex.precision), dtype=str(ex.dtype), overwrite=bool(ex.overwrite),
-        prefetch=bool(ex.get("prefetch", True)),
+        prefetch=ex.get("prefetch"),
     )
     report = extract_cohort(items, encoder, out_dir, settings)
     failed_prep = prep_report[prep_report.status == "failed"][["slide_id", "error"]].assign(status="failed")
