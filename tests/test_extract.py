@@ -219,3 +219,13 @@ def test_submitit_local_launcher_shards_like_slurm(tmp_path, weights):
     done = [sid for r in reports for sid in r.slide_id[r.status == "done"]]
     assert len(done) == 4 and len(set(done)) == 4
     assert len(list(folder.glob("*.h5"))) == 4
+
+
+def test_prefetch_thread_gives_identical_files(prepared, weights, tmp_path):
+    items, _ = prepared
+    enc = build_encoder(_spec(weights=str(weights), pretrained=True))
+    extract_cohort(items[:2], enc, tmp_path / "plain", ExtractSettings(batch_size=16, prefetch=False))
+    extract_cohort(items[:2], enc, tmp_path / "thread", ExtractSettings(batch_size=16, prefetch=True))
+    for sid, *_ in items[:2]:
+        a, b = _read(tmp_path / "plain" / f"{sid}.h5"), _read(tmp_path / "thread" / f"{sid}.h5")
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])

@@ -63,3 +63,30 @@ def test_metrics_match_scikit_learn_on_the_same_predictions(mil_run):
     assert metrics["test/acc"] == pytest.approx(float((probs.argmax(1) == y).mean()), abs=1e-6)
     f1 = f1_score(y, probs.argmax(1), average="macro", labels=list(range(probs.shape[1])), zero_division=0)
     assert metrics["test/f1"] == pytest.approx(f1, abs=1e-4)
+
+
+def test_wandb_offline_run_holds_the_metrics(tmp_path):
+    import glob
+
+    torch.manual_seed(0)
+    weights = tmp_path / "r18.pt"
+    torch.save(create_model(BackboneSpec(name="resnet18", pretrained=False)).state_dict(), weights)
+    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data"), "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}
+    env.pop("WANDB_API_KEY", None)
+    args = [
+        "data=bags", "model=abmil", "cohort.synthetic.n_slides=12", "cohort.synthetic.n_pairs=0", "data.n_folds=3",
+        "backbone=timm",
+        "backbone.name=resnet18", f"backbone.weights={weights}", "backbone.preset=r18", "backbone.input_px=64",
+        "backbone.target_mpp=2.0", "trainer.max_epochs=2", "logger=many", "tags=[test,wandb]", f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    res = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1  # one offline run, ready for `wandb sync`
+    # The run file is a log of protobuf records; keys and JSON values are stored as text.
+    data = Path(runs[0]).read_bytes()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("test/auroc", "test/f1", "val/auroc_best", "train/loss", "backbone", "optimized_metric"):
+        assert key.encode() in data, key
+    assert b"wandb" in data and b"test" in data  # the tags
+    assert metrics["test/auroc"] >= 0

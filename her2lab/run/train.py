@@ -138,6 +138,9 @@ def train(cfg: DictConfig) -> float | None:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
     try:
+        hparams = OmegaConf.to_container(cfg, resolve=True)
+        for lg in loggers:
+            lg.log_hyperparams(hparams)  # the whole resolved config, so sweeps can be compared
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
         ckpt = trainer.checkpoint_callback
         best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
