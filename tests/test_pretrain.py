@@ -95,7 +95,7 @@ def test_patch_folder_training(tmp_path, n_classes):
             for i in range(8):
                 img = np.full((48, 48, 3), 60 + 120 * c, np.uint8) + rng.integers(0, 20, (48, 48, 3), dtype=np.uint8)
                 Image.fromarray(img).save(d / f"{i}.png")
-    res = _train(tmp_path, "data=patch_folder", f"data.module.root={tmp_path / 'patches'}", "labels=binary",
+    res = _train(tmp_path, "data=patch_folder", "model=patch_classifier", f"data.module.root={tmp_path / 'patches'}", "labels=binary",
                  "backbone=timm", "backbone.name=resnet18", "backbone.input_px=48", "trainer.max_epochs=2",
                  f"export_encoder={tmp_path / 'enc.safetensors'}", "hydra.run.dir=" + str(tmp_path / "run"))
     assert res.returncode == 0, res.stderr[-3000:]

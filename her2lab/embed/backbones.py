@@ -57,6 +57,7 @@ class BackboneSpec:
     embed_dim: int | None = None  # checked against the model's actual output
     preset: str = ""  # folder name of the features (defaults to ``name``)
     description: str = ""
+    pretrain_experiment: str = ""  # the experiment that makes ``weights`` (transfer-learning step)
     model_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -125,9 +125,33 @@ def write_predictions(module, dm, cfg: DictConfig, path: Path) -> None:
         pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
+def ensure_encoder(cfg: DictConfig, run_dir: Path) -> None:
+    """Make the backbone's weights first when they are missing and its preset says how.
+
+    ``python train.py backbone=hne`` on a fresh machine then runs ``experiment=pretrain_hne``
+    (the transfer-learning step, on its own cohort) before embedding the MIL cohort.
+    """
+    bb = cfg.backbone
+    w, exp = bb.get("weights"), bb.get("pretrain_experiment")
+    if not (cfg.get("auto_pretrain") and cfg.data.kind == "bags" and exp and w and w != "hub") or Path(w).exists():
+        return
+    from hydra import compose
+
+    log.info("encoder weights %s missing: running experiment=%s (backbone=%s) first", w, exp, bb.preset)
+    sub = compose(
+        config_name="train",
+        overrides=[f"experiment={exp}", f"backbone={bb.preset}", f"paths.output_dir={run_dir / 'pretrain_encoder'}",
+                   f"paths.data_dir={cfg.paths.data_dir}", f"seed={cfg.seed}"],
+    )
+    train(sub)
+    if not Path(w).exists():
+        raise Her2labError(f"experiment={exp} did not produce {w}; run it on its own to see why")
+
+
 def train(cfg: DictConfig) -> float | None:
     """Run one training job; returns ``cfg.optimized_metric`` for sweeps."""
     run_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
+    ensure_encoder(cfg, run_dir)
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision("high")
     with atomic_path(run_dir / "config.yaml") as tmp:
