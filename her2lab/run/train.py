@@ -174,8 +174,9 @@ def train(cfg: DictConfig) -> float | None:
         trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=False) if best else trainer.test(module, datamodule=dm)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         metrics["best_checkpoint"] = best or ""
-        if hasattr(module, "test_outputs"):
+        if getattr(module, "test_outputs", None):
             write_predictions(module, dm, cfg, run_dir / "predictions.csv")
+        if hasattr(module, "confusion"):
             metrics["test/confusion_matrix"] = module.confusion.compute().tolist()
         with atomic_path(run_dir / "metrics.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
