@@ -9,21 +9,23 @@ from her2lab.slides.tiling import TileReader, TilingParams, tile_geometry, tile_
 from tests.conftest import gradient_rgb
 
 
+def _slide(tmp_path_factory, name: str, seed: int, downsamples: tuple[int, ...]):
+    src = gradient_rgb(2048, 3072, seed=seed)
+    path = tmp_path_factory.mktemp(name) / f"{name}.tiff"
+    write_pyramid_tiff(path, src, mpp=0.25, downsamples=downsamples, jpeg_quality=95)
+    return path, src
+
+
 @pytest.fixture(scope="module")
 def slide_025(tmp_path_factory):
     """A 0.25 µm/px (40x) slide with levels at 1, 2 and 8 × downsample, and its source pixels."""
-    src = gradient_rgb(2048, 3072, seed=1)
-    path = tmp_path_factory.mktemp("s025") / "s025.tiff"
-    write_pyramid_tiff(path, src, mpp=0.25, downsamples=(1, 2, 8), jpeg_quality=95)
-    return path, src
+    return _slide(tmp_path_factory, "s025", 1, (1, 2, 8))
 
 
 @pytest.fixture(scope="module")
 def slide_025_no2x(tmp_path_factory):
-    src = gradient_rgb(2048, 3072, seed=2)
-    path = tmp_path_factory.mktemp("s025b") / "s025b.tiff"
-    write_pyramid_tiff(path, src, mpp=0.25, downsamples=(1, 4, 16), jpeg_quality=95)
-    return path, src
+    """The same without a 2× level: 0.5 µm/px tiles are read at level 0 and resized."""
+    return _slide(tmp_path_factory, "s025b", 2, (1, 4, 16))
 
 
 def test_grid_at_exact_mpp_reads_matching_level(slide_025):
