@@ -390,7 +390,7 @@ def _finish(job: tuple[SlideTiles, dict, Path], feats: np.ndarray, np_dtype: np.
     return {"slide_id": tiles.slide_id, "status": "done", "n_tiles": len(feats), "seconds": round(seconds, 3), "error": ""}
 
 
-def shard_of(n_items: int, shard: int | None, num_shards: int | None) -> tuple[int, int]:
+def shard_of(shard: int | None, num_shards: int | None) -> tuple[int, int]:
     """This process's (shard, num_shards): explicit, else torchrun's RANK/WORLD_SIZE, else SLURM's."""
     if num_shards is None:
         for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):

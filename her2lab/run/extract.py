@@ -37,7 +37,7 @@ def run_extract(cfg: DictConfig, manifest: pd.DataFrame | None = None) -> pd.Dat
     if manifest is None:
         manifest = resolve_cohort(cfg.cohort, num_workers=cfg.num_workers)
     ex = cfg.extract
-    shard, n_shards = shard_of(len(manifest), ex.get("shard"), ex.get("num_shards"))
+    shard, n_shards = shard_of(ex.get("shard"), ex.get("num_shards"))
     mine = manifest.iloc[shard::n_shards].reset_index(drop=True)
     if n_shards > 1:
         log.info("shard %d of %d: %d of %d slides", shard, n_shards, len(mine), len(manifest))

@@ -23,13 +23,6 @@ def save_png(path: str | Path, rgb: np.ndarray) -> None:
         tmp.write_bytes(buf.tobytes())
 
 
-def load_png(path: str | Path) -> np.ndarray:
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise OSError(f"{path}: not a readable PNG")
-    return img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
 def resize_to_mpp(img: np.ndarray, img_mpp: float, target_mpp: float) -> np.ndarray:
     """Rescale an image from ``img_mpp`` to ``target_mpp`` µm/px."""
     if abs(img_mpp - target_mpp) <= 1e-9 * target_mpp:
