@@ -31,3 +31,17 @@ def test_batch_of_bags_equals_one_by_one():
         li, ai = m(b[None])
         assert torch.allclose(logits[i], li[0], atol=1e-6)
         assert torch.allclose(attn[i, : len(b)], ai[0], atol=1e-6)
+
+
+def test_pooling_baselines_ignore_padding():
+    from her2lab.models.pooling import MaxPoolMIL, MeanPoolMIL
+
+    torch.manual_seed(2)
+    for cls in (MeanPoolMIL, MaxPoolMIL):
+        m = cls(in_dim=8, num_classes=2, dropout=0.0).eval()
+        bag = torch.randn(1, 5, 8)
+        logits, w = m(bag)
+        padded = torch.cat([bag, torch.full((1, 3, 8), 50.0)], dim=1)
+        logits_p, w_p = m(padded, torch.tensor([[True] * 5 + [False] * 3]))
+        assert torch.allclose(logits, logits_p, atol=1e-6)
+        assert torch.allclose(w_p.sum(1), torch.ones(1)) and (w_p[0, 5:] == 0).all()

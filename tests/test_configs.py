@@ -1,0 +1,67 @@
+"""Every option of every config group composes, and the models instantiate."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from her2lab import CONF_DIR
+
+GROUPS = ["cohort", "labels", "backbone", "data", "model", "trainer", "logger", "experiment", "tiling", "tissue"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _compose(config: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config, overrides=[*overrides, "paths.output_dir=/tmp/her2lab-compose"])
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_composes(group, option):
+    config = "prepare" if group == "tiling" else "train"
+    overrides = [f"{group}={option}"]
+    if group == "data" and option == "patch_folder":
+        overrides.append("data.module.root=/tmp/patches")
+    if group == "backbone" and option == "timm":
+        overrides.append("backbone.name=resnet18")
+    if group == "cohort" and option == "custom":
+        overrides.append("cohort.manifest=/tmp/manifest.csv")
+    cfg = compose_resolved = _compose(config, overrides)
+    from omegaconf import OmegaConf
+
+    OmegaConf.to_container(compose_resolved, resolve=True)  # every interpolation resolves
+    assert cfg is not None
+
+
+@pytest.mark.parametrize("model", ["abmil", "meanpool", "maxpool"])
+@pytest.mark.parametrize("labels", ["her2_4way", "her2_3way", "binary"])
+def test_mil_models_instantiate_and_run(model, labels):
+    cfg = _compose("train", [f"model={model}", f"labels={labels}"])
+    module = instantiate(cfg.model)
+    x = torch.randn(2, 7, cfg.backbone.embed_dim)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    logits, weights = module(x, mask)
+    assert logits.shape == (2, cfg.labels.num_classes) and torch.allclose(weights.sum(1), torch.ones(2))
+
+
+@pytest.mark.parametrize("exp", ["paper_a_hne", "paper_a_ihc", "paper_a_imagenet"])
+def test_paper_a_is_the_studys_setting(exp):
+    cfg = _compose("train", [f"experiment={exp}"])
+    assert cfg.backbone.name == "alexnet" and cfg.backbone.input_px == 96 and cfg.backbone.embed_dim == 1024
+    assert cfg.data.module.bag_size == 100 and cfg.data.n_folds == 5 and cfg.trainer.max_epochs == 50
+    assert cfg.model.optimizer.lr == 1e-3 and cfg.model.optimizer.weight_decay == 1e-7
+    net = instantiate(cfg.model.net)
+    assert net.attn_u is None and net.attn_v.in_features == 1024 and net.attn_v.out_features == 256
+    assert cfg.task_name == exp  # experiment values win over train.yaml's
+
+
+def test_pretrain_experiments_export_where_the_preset_looks():
+    for exp, bb in [("pretrain_hne", "hne"), ("pretrain_ihc", "ihc"), ("pretrain_hne", "alexnet_hne")]:
+        cfg = _compose("train", [f"experiment={exp}", f"backbone={bb}"])
+        assert cfg.export_encoder == cfg.backbone.weights and Path(cfg.backbone.weights).name == f"{bb}.safetensors"
+        assert cfg.cohort.name != "demo"  # never the MIL cohort
