@@ -40,7 +40,7 @@ def test_pooling_baselines_ignore_padding():
     for cls in (MeanPoolMIL, MaxPoolMIL):
         m = cls(in_dim=8, num_classes=2, dropout=0.0).eval()
         bag = torch.randn(1, 5, 8)
-        logits, w = m(bag)
+        logits, _ = m(bag)
         padded = torch.cat([bag, torch.full((1, 3, 8), 50.0)], dim=1)
         logits_p, w_p = m(padded, torch.tensor([[True] * 5 + [False] * 3]))
         assert torch.allclose(logits, logits_p, atol=1e-6)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from her2lab import CONF_DIR
 
@@ -31,11 +32,9 @@ def test_every_option_composes(group, option):
         overrides.append("backbone.name=resnet18")
     if group == "cohort" and option == "custom":
         overrides.append("cohort.manifest=/tmp/manifest.csv")
-    cfg = compose_resolved = _compose(config, overrides)
-    from omegaconf import OmegaConf
-
-    OmegaConf.to_container(compose_resolved, resolve=True)  # every interpolation resolves
-    assert cfg is not None
+    cfg = _compose(config, overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert resolved[group if group != "experiment" else "task_name"]
 
 
 @pytest.mark.parametrize("model", ["abmil", "meanpool", "maxpool"])
