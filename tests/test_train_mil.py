@@ -90,3 +90,30 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path):
         assert key.encode() in data, key
     assert b"wandb" in data and b"test" in data  # the tags
     assert metrics["test/auroc"] >= 0
+
+
+@pytest.mark.slow
+def test_multirun_over_folds_jobs_are_self_contained(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "r18.pt"
+    torch.save(create_model(BackboneSpec(name="resnet18", pretrained=False)).state_dict(), weights)
+    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data")}
+    args = [
+        "--multirun", "data=bags", "model=abmil", "cohort.synthetic.n_slides=12", "cohort.synthetic.n_pairs=0",
+        "data.n_folds=3", "fold=0,1", "backbone=timm", "backbone.name=resnet18", f"backbone.weights={weights}",
+        "backbone.preset=r18", "backbone.input_px=64", "backbone.target_mpp=2.0", "trainer.max_epochs=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    res = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = sorted((tmp_path / "sweep").glob("[0-9]*"))
+    assert len(runs) == 2
+    tests = []
+    for run in runs:
+        assert (run / "metrics.json").exists() and (run / "predictions.csv").exists() and (run / "checkpoints").is_dir()
+        splits = pd.read_csv(run / "splits.csv")
+        tests.append(set(splits.slide_id[splits.split == "test"]))
+    assert tests[0].isdisjoint(tests[1])  # fold 0 and fold 1 test different slides
+    # features were extracted once and reused by the second job
+    feats = list((tmp_path / "data" / "demo" / "features" / "2mpp_64px_0px_overlap" / "r18").glob("*.h5"))
+    assert len(feats) == 12
