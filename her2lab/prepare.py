@@ -6,27 +6,14 @@ import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from her2lab import CONF_DIR
 from her2lab.run.cohort import resolve_cohort
 from her2lab.run.entry import one_line_errors
-from her2lab.run.prepare import PrepareSettings, prepare_cohort
-from her2lab.slides.tiling import TilingParams
-from her2lab.slides.tissue import TissueParams
+from her2lab.run.prepare import prepare_cohort, settings_from_config
 
 log = logging.getLogger(__name__)
-
-
-def settings_from_config(cfg: DictConfig) -> PrepareSettings:
-    return PrepareSettings(
-        cache_dir=Path(cfg.cohort.cache_dir),
-        tiling=TilingParams(**OmegaConf.to_container(cfg.tiling, resolve=True)),
-        tissue=TissueParams(**OmegaConf.to_container(cfg.tissue, resolve=True)),
-        thumb_mpp=float(cfg.prepare.thumb_mpp),
-        qc=bool(cfg.prepare.qc),
-        overwrite=bool(cfg.prepare.overwrite),
-    )
 
 
 def run(cfg: DictConfig):

@@ -17,8 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from her2lab.embed.extract import load_slide_tiles
-from her2lab.slides.reader import Slide
-from her2lab.slides.tiling import TileReader
+from her2lab.slides.tiling import ReaderPool
 
 
 @dataclass
@@ -30,14 +29,6 @@ class SlideRecord:
     tiles_path: str
     label: int
     mpp: float | None = None
-
-
-def normalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 (..., H, W, 3) → float (..., 3, H, W) normalised."""
-    x = x.movedim(-1, -3).float() / 255.0
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
-    return (x - m) / s
 
 
 def augment(x: torch.Tensor, rng: np.random.Generator, jitter: float) -> torch.Tensor:
@@ -77,7 +68,7 @@ class SlidePatchDataset(Dataset):
         self.mean, self.std = mean, std
         self.train, self.jitter, self.seed = train, jitter, seed
         self.epoch = 0
-        self._readers: dict[int, TileReader] = {}
+        self.readers = ReaderPool()
         self.index = self._sample(seed)
 
     def _sample(self, seed: int) -> list[tuple[int, int]]:
@@ -100,22 +91,13 @@ class SlidePatchDataset(Dataset):
 
     def __getitem__(self, i: int):
         j, k = self.index[i]
-        r = self._readers.get(j)
-        if r is None:
-            t = self.tiles[j]
-            r = self._readers[j] = TileReader(Slide(t.slide_path, mpp_override=t.mpp), t.geom)
-        tile = torch.from_numpy(r.read(self.tiles[j].coords[k]).copy())  # (H, W, 3) uint8
+        t = self.tiles[j]
+        tile = torch.from_numpy(self.readers.get(j, t.slide_path, t.mpp, t.geom).read(t.coords[k]).copy())
+        x = tile.movedim(-1, 0).float() / 255.0  # (3, H, W) in [0, 1]
         if self.train:
-            x = augment(tile.movedim(-1, 0).float() / 255.0, np.random.default_rng((self.seed, self.epoch, i)), self.jitter)
-            x = (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
-        else:
-            x = normalise(tile, self.mean, self.std)
+            x = augment(x, np.random.default_rng((self.seed, self.epoch, i)), self.jitter)
+        x = (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
         return x.contiguous(memory_format=torch.contiguous_format), self.slides[j].label
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_readers"] = {}
-        return state
 
 
 class PatchDataModule(pl.LightningDataModule):

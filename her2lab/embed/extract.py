@@ -20,7 +20,6 @@ import queue
 import threading
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +34,7 @@ from her2lab.embed.backbones import Encoder
 from her2lab.errors import Her2labError, OutputError, SlideError, StaleCacheError
 from her2lab.io import param_hash, write_h5
 from her2lab.progress import progress_bar
-from her2lab.slides.reader import Slide
-from her2lab.slides.tiling import TileGeometry, TileReader
+from her2lab.slides.tiling import ReaderPool, TileGeometry
 
 log = logging.getLogger(__name__)
 
@@ -151,28 +149,17 @@ class TileDataset(Dataset):
     def __init__(self, slides: list[SlideTiles], max_open: int = 4) -> None:
         self.slides = slides
         self.offsets = np.cumsum([0] + [len(s.coords) for s in slides])
-        self.max_open = max_open
-        self._readers: OrderedDict[int, TileReader] = OrderedDict()  # per process (worker)
+        self.readers = ReaderPool(max_open)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
-
-    def _reader(self, j: int) -> TileReader:
-        r = self._readers.get(j)
-        if r is None:
-            s = self.slides[j]
-            r = TileReader(Slide(s.slide_path, mpp_override=s.mpp, slide_id=s.slide_id), s.geom)
-            self._readers[j] = r
-            while len(self._readers) > self.max_open:
-                _, old = self._readers.popitem(last=False)
-                old.slide.close()
-        return r
 
     def __getitem__(self, i: int):
         j = int(np.searchsorted(self.offsets, i, side="right") - 1)
         k = i - int(self.offsets[j])
         try:
-            tile = self._reader(j).read(self.slides[j].coords[k])
+            s = self.slides[j]
+            tile = self.readers.get(j, s.slide_path, s.mpp, s.geom).read(s.coords[k])
             err = ""
         except SlideError as exc:  # the slide fails, the run goes on
             p = self.slides[j].geom.patch_px
@@ -180,11 +167,6 @@ class TileDataset(Dataset):
         with warnings.catch_warnings():  # PIL's arrays are read-only; the tensor is never written
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(np.ascontiguousarray(tile)), j, k, err
-
-    def __getstate__(self):  # workers start with no open handles
-        state = self.__dict__.copy()
-        state["_readers"] = OrderedDict()
-        return state
 
 
 class SlideBatchSampler(Sampler[list[int]]):

@@ -11,11 +11,16 @@ import torch
 from torch import nn
 
 
-class MeanPoolMIL(nn.Module):
+class _PoolMIL(nn.Module):
+    """Projection (Linear-ReLU-Dropout, or none with ``hidden_dim=0``) and a linear classifier."""
+
     def __init__(self, in_dim: int, num_classes: int, hidden_dim: int = 256, dropout: float = 0.25) -> None:
         super().__init__()
         self.project = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout)) if hidden_dim else nn.Identity()
         self.classifier = nn.Linear(hidden_dim or in_dim, num_classes)
+
+
+class MeanPoolMIL(_PoolMIL):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if mask is None:
@@ -25,11 +30,7 @@ class MeanPoolMIL(nn.Module):
         return self.classifier(torch.einsum("bn,bnh->bh", w, h)), w
 
 
-class MaxPoolMIL(nn.Module):
-    def __init__(self, in_dim: int, num_classes: int, hidden_dim: int = 256, dropout: float = 0.25) -> None:
-        super().__init__()
-        self.project = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout)) if hidden_dim else nn.Identity()
-        self.classifier = nn.Linear(hidden_dim or in_dim, num_classes)
+class MaxPoolMIL(_PoolMIL):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if mask is None:

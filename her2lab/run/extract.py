@@ -13,9 +13,8 @@ from her2lab.embed.extract import ExtractSettings, extract_cohort, shard_of
 from her2lab.errors import Her2labError
 from her2lab.io import atomic_path, ensure_writable_dir
 from her2lab.run.cohort import resolve_cohort
-from her2lab.run.prepare import PrepareSettings, prepare_cohort
+from her2lab.run.prepare import prepare_cohort, settings_from_config
 from her2lab.slides.tiling import TilingParams
-from her2lab.slides.tissue import TissueParams
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +40,7 @@ def run_extract(cfg: DictConfig, manifest: pd.DataFrame | None = None) -> pd.Dat
     mine = manifest.iloc[shard::n_shards].reset_index(drop=True)
     if n_shards > 1:
         log.info("shard %d of %d: %d of %d slides", shard, n_shards, len(mine), len(manifest))
-    prep = PrepareSettings(
-        cache_dir=Path(cfg.cohort.cache_dir),
-        tiling=tiling,
-        tissue=TissueParams(**OmegaConf.to_container(cfg.tissue, resolve=True)),
-        thumb_mpp=float(cfg.prepare.thumb_mpp),
-        qc=bool(cfg.prepare.qc),
-        overwrite=bool(cfg.prepare.overwrite),
-    )
+    prep = settings_from_config(cfg, tiling)
     prep_report = prepare_cohort(mine, prep, num_workers=cfg.num_workers, report_suffix=_suffix(shard, n_shards))
     ok = set(prep_report.slide_id[prep_report.status != "failed"])
     out_dir = ensure_writable_dir(features_dir(cfg.cohort.cache_dir, tiling, spec), "features folder")

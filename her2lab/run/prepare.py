@@ -63,6 +63,20 @@ class PrepareSettings:
         return {"tiling": self.tiling.to_dict(), "tissue": self.tissue.to_dict()}
 
 
+def settings_from_config(cfg, tiling: TilingParams | None = None) -> PrepareSettings:
+    """Prepare settings from a Hydra config (``cohort``, ``tissue``, ``prepare``; ``tiling`` unless given)."""
+    from omegaconf import OmegaConf
+
+    return PrepareSettings(
+        cache_dir=Path(cfg.cohort.cache_dir),
+        tiling=tiling or TilingParams(**OmegaConf.to_container(cfg.tiling, resolve=True)),
+        tissue=TissueParams(**OmegaConf.to_container(cfg.tissue, resolve=True)),
+        thumb_mpp=float(cfg.prepare.thumb_mpp),
+        qc=bool(cfg.prepare.qc),
+        overwrite=bool(cfg.prepare.overwrite),
+    )
+
+
 def tiles_params_hash(
     settings: PrepareSettings, level0_mpp: float, slide_size: tuple[int, int]
 ) -> str:

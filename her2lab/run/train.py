@@ -22,9 +22,8 @@ from her2lab.data.splits import save_splits, split_for_fold
 from her2lab.errors import Her2labError
 from her2lab.io import atomic_path, ensure_writable_dir
 from her2lab.run.cohort import resolve_cohort
-from her2lab.run.prepare import PrepareSettings, prepare_cohort
+from her2lab.run.prepare import prepare_cohort, settings_from_config
 from her2lab.slides.tiling import TilingParams
-from her2lab.slides.tissue import TissueParams
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +57,7 @@ def _drop_failed(table: pd.DataFrame, failed: set[str], what: str) -> pd.DataFra
 def prepared_splits(cfg: DictConfig, run_dir: Path, tiling: TilingParams) -> dict[str, list[SlideRecord]]:
     """Split cohort → tiles (made if missing) → patch-classifier records per split."""
     table = cohort_split(cfg, run_dir)
-    prep = PrepareSettings(
-        cache_dir=Path(cfg.cohort.cache_dir), tiling=tiling,
-        tissue=TissueParams(**OmegaConf.to_container(cfg.tissue, resolve=True)), qc=True,
-    )
+    prep = settings_from_config(cfg, tiling)
     report = prepare_cohort(table, prep, num_workers=cfg.get("num_workers", 1))
     table = _drop_failed(table, set(report.slide_id[report.status == "failed"]), "preparation")
     return _by_split(

@@ -99,7 +99,7 @@ class Slide:
         self.slide_id = slide_id or self.path.stem
         if not self.path.exists():
             raise SlideError(f"{self.path}: slide file not found; fix the path in the manifest")
-        if not self.path.is_file() and self.path.suffix.lower() not in (".mrxs",):
+        if not self.path.is_file():
             raise SlideError(f"{self.path}: not a file; point the manifest at the slide file")
         try:
             self._osr = openslide.OpenSlide(str(self.path))

@@ -8,6 +8,7 @@ match the target (e.g. a 0.25 µm/px slide tiled at 0.5 µm/px with no 0.5 level
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -148,3 +149,28 @@ class TileReader:
         if g.needs_resize:
             img = cv2.resize(img, (g.patch_px, g.patch_px), interpolation=self._interp)
         return img
+
+
+class ReaderPool:
+    """Open :class:`TileReader` s by key, at most ``max_open`` slides at once (least recently used
+    closes first). A pool pickled into a DataLoader worker arrives empty: each worker opens its
+    own slide handles.
+    """
+
+    def __init__(self, max_open: int = 4) -> None:
+        self.max_open = max_open
+        self._open: OrderedDict[int, TileReader] = OrderedDict()
+
+    def get(self, key: int, slide_path: str, mpp: float | None, geom: TileGeometry) -> TileReader:
+        r = self._open.get(key)
+        if r is None:
+            r = self._open[key] = TileReader(Slide(slide_path, mpp_override=mpp), geom)
+            while len(self._open) > self.max_open:
+                _, old = self._open.popitem(last=False)
+                old.slide.close()
+        else:
+            self._open.move_to_end(key)
+        return r
+
+    def __getstate__(self) -> dict:
+        return {"max_open": self.max_open, "_open": OrderedDict()}
