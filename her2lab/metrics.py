@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from torchmetrics import MetricCollection
+import torch
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -23,3 +24,20 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
         },
         prefix=prefix,
     )
+
+
+class ClassSupport(Metric):
+    """Items per class, summed over batches and (under DDP) over ranks."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state("counts", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, target: torch.Tensor) -> None:
+        self.counts += torch.bincount(target.long(), minlength=self.num_classes)
+
+    def compute(self) -> torch.Tensor:
+        return self.counts

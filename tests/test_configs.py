@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from her2lab import CONF_DIR
 
-GROUPS = ["cohort", "labels", "backbone", "data", "model", "trainer", "logger", "experiment", "tiling", "tissue"]
+GROUPS = ["cohort", "labels", "backbone", "data", "model", "trainer", "logger", "experiment", "tiling", "tissue", "hparams_search"]
 
 
 def _options(group: str) -> list[str]:
@@ -34,18 +34,24 @@ def test_every_option_composes(group, option):
         overrides.append("cohort.manifest=/tmp/manifest.csv")
     cfg = _compose(config, overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    assert resolved[group if group != "experiment" else "task_name"]
+    key = {"experiment": "task_name", "hparams_search": "optimized_metric"}.get(group, group)
+    assert resolved[key]
 
 
 @pytest.mark.parametrize("model", ["abmil", "meanpool", "maxpool"])
 @pytest.mark.parametrize("labels", ["her2_4way", "her2_3way", "binary"])
-def test_mil_models_instantiate_and_run(model, labels):
-    cfg = _compose("train", [f"model={model}", f"labels={labels}"])
+@pytest.mark.parametrize("ordinal", [False, True])
+def test_mil_models_instantiate_and_run(model, labels, ordinal):
+    cfg = _compose("train", [f"model={model}", f"labels={labels}", f"model.net.ordinal={ordinal}"])
     module = instantiate(cfg.model)
     x = torch.randn(2, 7, cfg.backbone.embed_dim)
     mask = torch.ones(2, 7, dtype=torch.bool)
     logits, weights = module(x, mask)
-    assert logits.shape == (2, cfg.labels.num_classes) and torch.allclose(weights.sum(1), torch.ones(2))
+    k = cfg.labels.num_classes
+    assert logits.shape == (2, k - ordinal) and torch.allclose(weights.sum(1), torch.ones(2))
+    probs = module.probs(logits)
+    assert probs.shape == (2, k) and torch.allclose(probs.sum(1), torch.ones(2))
+    assert module.ordinal == ordinal
 
 
 @pytest.mark.parametrize("exp", ["paper_a_hne", "paper_a_ihc", "paper_a_imagenet"])

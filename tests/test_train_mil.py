@@ -88,6 +88,7 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in ("test/auroc", "test/f1", "val/auroc_best", "train/loss", "backbone", "optimized_metric"):
         assert key.encode() in data, key
+    assert b"test/confusion_matrix" in data  # the confusion-matrix chart
     assert b"wandb" in data and b"test" in data  # the tags
     assert metrics["test/auroc"] >= 0
 
@@ -97,9 +98,10 @@ def test_multirun_over_folds_jobs_are_self_contained(tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "r18.pt"
     torch.save(create_model(BackboneSpec(name="resnet18", pretrained=False)).state_dict(), weights)
-    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data")}
+    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data"), "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
     args = [
-        "--multirun", "data=bags", "model=abmil", "cohort.synthetic.n_slides=12", "cohort.synthetic.n_pairs=0",
+        "--multirun", "logger=many", "data=bags", "model=abmil", "cohort.synthetic.n_slides=12", "cohort.synthetic.n_pairs=0",
         "data.n_folds=3", "fold=0,1", "backbone=timm", "backbone.name=resnet18", f"backbone.weights={weights}",
         "backbone.preset=r18", "backbone.input_px=64", "backbone.target_mpp=2.0", "trainer.max_epochs=2",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
@@ -114,6 +116,11 @@ def test_multirun_over_folds_jobs_are_self_contained(tmp_path):
         splits = pd.read_csv(run / "splits.csv")
         tests.append(set(splits.slide_id[splits.split == "test"]))
     assert tests[0].isdisjoint(tests[1])  # fold 0 and fold 1 test different slides
+    # one W&B group for the whole sweep (task + sweep folder), a run per job
+    for run in runs:
+        wb = list(run.glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(wb) == 1 and b"train-sweep" in wb[0].read_bytes()
+        assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     # features were extracted once and reused by the second job
     feats = list((tmp_path / "data" / "demo" / "features" / "2mpp_64px_0px_overlap" / "r18").glob("*.h5"))
     assert len(feats) == 12

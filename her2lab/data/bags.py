@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from her2lab.errors import Her2labError
 
@@ -58,7 +58,7 @@ class BagDataset(Dataset):
     ) -> None:
         self.records, self.bag_size, self.train, self.dim, self.seed = records, bag_size, train, dim, seed
         self.cache = [read_features(r.features_path, dim)[0] for r in records] if in_memory else None
-        self.visits = 0
+        self.epoch = 0  # set by BagSampler.set_epoch: sub-bags depend on (seed, slide, epoch) only
 
     def __len__(self) -> int:
         return len(self.records)
@@ -66,8 +66,7 @@ class BagDataset(Dataset):
     def __getitem__(self, i: int):
         feats = self.cache[i] if self.cache is not None else read_features(self.records[i].features_path, self.dim)[0]
         if self.train and self.bag_size and len(feats) > self.bag_size:
-            self.visits += 1
-            rng = np.random.default_rng((self.seed, i, self.visits))
+            rng = np.random.default_rng((self.seed, i, self.epoch))
             feats = feats[np.sort(rng.choice(len(feats), self.bag_size, replace=False))]
         return torch.from_numpy(feats), self.records[i].label, i
 
@@ -82,6 +81,43 @@ def pad_bags(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
         x[i, : len(f)] = f
         mask[i, : len(f)] = True
     return x, mask, torch.tensor([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
+
+
+class BagSampler(DistributedSampler):
+    """Deterministic per-epoch order of slides, sharded over ranks.
+
+    Training: a permutation (or, ``balanced``, a class-balanced draw with replacement) that
+    depends only on ``(seed, epoch)``, so a run resumed from a checkpoint sees the same bags as
+    one that never stopped; each rank takes every ``world``-th item. Evaluation (``shuffle=False``):
+    each item exactly once over all ranks (no padding duplicates, which would bias the metrics).
+    A ``DistributedSampler`` so that Lightning keeps it under DDP.
+    """
+
+    def __init__(self, dataset: BagDataset, shuffle: bool, balanced: bool = False, seed: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.balanced = balanced
+        n = len(dataset)
+        self.num_samples = (n - rank + world - 1) // world if not shuffle else -(-n // world)
+        self.total_size = self.num_samples * world
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.dataset.epoch = epoch
+
+    def __iter__(self):
+        n = len(self.dataset)
+        if not self.shuffle:
+            return iter(range(self.rank, n, self.num_replicas))
+        rng = np.random.default_rng((self.seed, self.epoch))
+        if self.balanced:
+            labels = np.array([r.label for r in self.dataset.records])
+            p = 1.0 / np.bincount(labels)[labels]
+            order = rng.choice(n, self.total_size, replace=True, p=p / p.sum())
+        else:
+            order = rng.permutation(n)
+            order = np.concatenate([order, order[: self.total_size - n]])  # even shares for DDP
+        return iter(order[self.rank :: self.num_replicas].tolist())
 
 
 class BagDataModule(pl.LightningDataModule):
@@ -113,20 +149,22 @@ class BagDataModule(pl.LightningDataModule):
                     recs, self.bag_size if train else None, train, self.in_memory, self.embed_dim, self.seed
                 )
 
+    def _ranks(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
         ds = self.datasets["train"]
-        sampler = None
-        if self.balanced_sampler:
-            labels = np.array([r.label for r in ds.records])
-            weights = 1.0 / np.bincount(labels)[labels]
-            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(ds), replacement=True)
-        return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
-            collate_fn=pad_bags, num_workers=self.num_workers,
-        )
+        rank, world = self._ranks()
+        sampler = BagSampler(ds, shuffle=True, balanced=self.balanced_sampler, seed=self.seed, rank=rank, world=world)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=pad_bags, num_workers=self.num_workers)
 
     def _eval(self, name: str) -> DataLoader:
-        return DataLoader(self.datasets[name], batch_size=self.eval_batch_size, collate_fn=pad_bags, num_workers=self.num_workers)
+        rank, world = self._ranks()
+        sampler = BagSampler(self.datasets[name], shuffle=False, rank=rank, world=world)
+        return DataLoader(
+            self.datasets[name], batch_size=self.eval_batch_size, sampler=sampler, collate_fn=pad_bags, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval("val")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from her2lab.models.heads import make_head
+
 
 class AttentionMIL(nn.Module):
     """ABMIL head.
@@ -24,6 +26,8 @@ class AttentionMIL(nn.Module):
         attn_dim: attention network width.
         gated: gated attention (Ilse et al. eq. 9) instead of plain (eq. 8).
         dropout: dropout on the projected embeddings.
+        ordinal: cumulative-logit head for an ordered scale (outputs K-1 logits ``P(y > k)``;
+            see :mod:`her2lab.models.heads`) instead of K class logits.
     """
 
     def __init__(
@@ -34,6 +38,7 @@ class AttentionMIL(nn.Module):
         attn_dim: int = 128,
         gated: bool = True,
         dropout: float = 0.25,
+        ordinal: bool = False,
     ) -> None:
         super().__init__()
         if hidden_dim:
@@ -45,7 +50,8 @@ class AttentionMIL(nn.Module):
         self.attn_v = nn.Linear(d, attn_dim)
         self.attn_u = nn.Linear(d, attn_dim) if gated else None
         self.attn_w = nn.Linear(attn_dim, 1)
-        self.classifier = nn.Linear(d, num_classes)
+        self.ordinal = ordinal
+        self.classifier = make_head(d, num_classes, ordinal)
 
     def attention_logits(self, h: torch.Tensor) -> torch.Tensor:
         a = torch.tanh(self.attn_v(h))  # (B, N, A)
@@ -54,7 +60,7 @@ class AttentionMIL(nn.Module):
         return self.attn_w(a).squeeze(-1)  # (B, N)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` (B, N, D), ``mask`` (B, N) bool → logits (B, C), attention (B, N) summing to 1."""
+        """``x`` (B, N, D), ``mask`` (B, N) bool → logits (B, C or C-1), attention (B, N) summing to 1."""
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         h = self.project(x)  # (B, N, H)

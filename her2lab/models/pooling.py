@@ -10,14 +10,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from her2lab.models.heads import make_head
+
 
 class _PoolMIL(nn.Module):
     """Projection (Linear-ReLU-Dropout, or none with ``hidden_dim=0``) and a linear classifier."""
 
-    def __init__(self, in_dim: int, num_classes: int, hidden_dim: int = 256, dropout: float = 0.25) -> None:
+    def __init__(
+        self, in_dim: int, num_classes: int, hidden_dim: int = 256, dropout: float = 0.25, ordinal: bool = False
+    ) -> None:
         super().__init__()
+        self.ordinal = ordinal
         self.project = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout)) if hidden_dim else nn.Identity()
-        self.classifier = nn.Linear(hidden_dim or in_dim, num_classes)
+        self.classifier = make_head(hidden_dim or in_dim, num_classes, ordinal)
 
 
 class MeanPoolMIL(_PoolMIL):

@@ -16,6 +16,7 @@ log = logging.getLogger("her2lab")
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a :class:`Her2labError` into ``error: <message>`` on stderr and exit status 1.
 
+    Also when the error was raised inside a constructor that Hydra's ``instantiate`` wrapped.
     Anything else is a bug and keeps its traceback.
     """
 
@@ -23,8 +24,22 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except Her2labError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except Exception as exc:
+            cause = her2lab_cause(exc)
+            if cause is None:
+                raise
+            print(f"error: {cause}", file=sys.stderr)
             sys.exit(1)
 
     return wrapper
+
+
+def her2lab_cause(exc: BaseException) -> Her2labError | None:
+    """The :class:`Her2labError` behind ``exc`` (itself, or its cause chain), if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Her2labError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

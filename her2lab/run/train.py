@@ -75,14 +75,36 @@ def bag_splits(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, list], pd.Data
     table = cohort_split(cfg, run_dir)
     if cfg.data.get("features_dir"):
         folder = Path(cfg.data.features_dir)
-        missing = {s for s in table.slide_id if not (folder / f"{s}.h5").exists()}
+        missing = {s: "no features file" for s in table.slide_id if not (folder / f"{s}.h5").exists()}
     else:
         report = run_extract(cfg, manifest=table)
         tiling = TilingParams(**OmegaConf.to_container(cfg.tiling, resolve=True))
         folder = features_dir(cfg.cohort.cache_dir, tiling, backbone_spec(cfg.backbone))
-        missing = set(report.slide_id[report.status == "failed"])
-    table = _drop_failed(table, missing, "feature extraction / no features file")
+        failed = report[report.status == "failed"]
+        missing = dict(zip(failed.slide_id, failed.get("error", pd.Series("failed", index=failed.index)).astype(str), strict=True))
+    table = _exclude(cfg, table, missing, folder, run_dir)
     return _by_split(table, lambda r: BagRecord(r.slide_id, str(folder / f"{r.slide_id}.h5"), int(r.label)), cfg), table
+
+
+def _exclude(cfg: DictConfig, table: pd.DataFrame, missing: dict[str, str], folder: Path, run_dir: Path) -> pd.DataFrame:
+    """Slides of the manifest without features: an error, or (``data.missing_features=drop``)
+    left out and listed in ``excluded_slides.csv`` — never silently."""
+    if not missing:
+        return table
+    ids = sorted(missing)
+    policy = cfg.data.get("missing_features", "error")
+    if policy not in ("error", "drop"):
+        raise Her2labError(f"data.missing_features={policy!r}: use error or drop")
+    if policy == "error":
+        raise Her2labError(
+            f"{len(ids)} slide(s) of the manifest have no features in {folder} ({', '.join(ids[:5])}"
+            f"{', …' if len(ids) > 5 else ''}: {missing[ids[0]]}); fix them, or set "
+            "data.missing_features=drop to train without them"
+        )
+    with atomic_path(run_dir / "excluded_slides.csv") as tmp:
+        pd.DataFrame({"slide_id": ids, "reason": [missing[i] for i in ids]}).to_csv(tmp, index=False)
+    log.warning("%d slide(s) left out (no features; listed in excluded_slides.csv): %s", len(ids), ", ".join(ids[:10]))
+    return table[~table.slide_id.isin(missing)]
 
 
 def build_datamodule(cfg: DictConfig, run_dir: Path) -> pl.LightningDataModule:
@@ -95,13 +117,13 @@ def build_datamodule(cfg: DictConfig, run_dir: Path) -> pl.LightningDataModule:
 
             with open_dict(cfg):
                 cfg.backbone.embed_dim = int(read_features(splits["train"][0].features_path)[0].shape[1])
-        return instantiate(cfg.data.module, splits=splits, embed_dim=cfg.backbone.embed_dim)
+        return _instantiate(cfg.data.module, splits=splits, embed_dim=cfg.backbone.embed_dim)
     if kind == "patches":
         tiling = TilingParams(target_mpp=bb.target_mpp, patch_px=bb.input_px, min_tissue=cfg.data.min_tissue)
         splits = prepared_splits(cfg, run_dir, tiling)
-        return instantiate(cfg.data.module, splits=splits, mean=list(bb.mean), std=list(bb.std))
+        return _instantiate(cfg.data.module, splits=splits, mean=list(bb.mean), std=list(bb.std))
     if kind == "patch_folder":
-        return instantiate(
+        return _instantiate(
             cfg.data.module, input_px=bb.input_px, mean=list(bb.mean), std=list(bb.std), num_classes=cfg.labels.num_classes
         )
     raise Her2labError(f"data.kind={kind!r} is not known; use bags, patches or patch_folder")
@@ -144,24 +166,94 @@ def ensure_encoder(cfg: DictConfig, run_dir: Path) -> None:
         raise Her2labError(f"experiment={exp} did not produce {w}; run it on its own to see why")
 
 
+def _instantiate(node: DictConfig, **kwargs):
+    """``hydra.utils.instantiate`` that lets our one-line errors through unwrapped."""
+    from her2lab.run.entry import her2lab_cause
+
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as exc:
+        cause = her2lab_cause(exc)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _is_rank_zero() -> bool:
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _sweep_group(cfg: DictConfig) -> str:
+    """W&B group when none is given: the task, plus the sweep folder's name in a multirun, so
+    every job of one sweep lands in one group."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return f"{cfg.task_name}-{Path(hc.runtime.output_dir).parent.name}"
+    except ValueError:  # not launched by Hydra (compose API)
+        pass
+    return str(cfg.task_name)
+
+
+def _instantiate_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        if not c:
+            continue
+        if "WandbLogger" in str(c.get("_target_", "")) and not c.get("group"):
+            c = OmegaConf.merge(c, {"group": _sweep_group(cfg)})
+        lg = instantiate(c)
+        loggers.append(lg)
+    return loggers
+
+
+def _log_confusion(loggers: list, module, class_names: list[str]) -> None:
+    """Test confusion matrix as a W&B chart (the PNG is in the run folder for everyone else)."""
+    outs = getattr(module, "test_outputs", None)
+    if not outs:
+        return
+    y = [o["label"] for o in sorted(outs, key=lambda o: o["index"])]
+    pred = [max(range(len(o["probs"])), key=o["probs"].__getitem__) for o in sorted(outs, key=lambda o: o["index"])]
+    for lg in loggers:
+        if lg.__class__.__name__ == "WandbLogger":
+            import wandb
+
+            lg.experiment.log({"test/confusion_matrix": wandb.plot.confusion_matrix(y_true=y, preds=pred, class_names=class_names)})
+
+
 def train(cfg: DictConfig) -> float | None:
-    """Run one training job; returns ``cfg.optimized_metric`` for sweeps."""
+    """Run one training job; returns ``cfg.optimized_metric`` for sweeps.
+
+    Under DDP every rank runs this function (Lightning relaunches the script); files are
+    written by rank 0 only, and test predictions are gathered from all ranks.
+    """
     run_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
     ensure_encoder(cfg, run_dir)
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision("high")
-    with atomic_path(run_dir / "config.yaml") as tmp:
-        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    zero = _is_rank_zero()
+    if zero:
+        with atomic_path(run_dir / "config.yaml") as tmp:
+            tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     dm = build_datamodule(cfg, run_dir)
-    module = instantiate(cfg.model)
+    module = _instantiate(cfg.model)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    loggers = _instantiate_loggers(cfg)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
     try:
         hparams = OmegaConf.to_container(cfg, resolve=True)
         for lg in loggers:
             lg.log_hyperparams(hparams)  # the whole resolved config, so sweeps can be compared
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        resume = cfg.get("ckpt_path")
+        if resume and not Path(resume).is_file():
+            raise Her2labError(f"ckpt_path={resume}: no such checkpoint (runs keep checkpoints/last.ckpt)")
+        # Our own checkpoints hold the optimiser/scheduler partials in their hyperparameters.
+        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=False if resume else None)
         ckpt = trainer.checkpoint_callback
         best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
         if best is None:
@@ -170,19 +262,28 @@ def train(cfg: DictConfig) -> float | None:
         trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=False) if best else trainer.test(module, datamodule=dm)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         metrics["best_checkpoint"] = best or ""
-        if getattr(module, "test_outputs", None):
-            write_predictions(module, dm, cfg, run_dir / "predictions.csv")
+        metrics["epochs_trained"] = int(trainer.current_epoch)
+        classes = [str(c) for c in cfg.labels.classes] if cfg.get("labels") else None
         if hasattr(module, "confusion"):
             metrics["test/confusion_matrix"] = module.confusion.compute().tolist()
-        with atomic_path(run_dir / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        if cfg.get("export_encoder"):
-            export_encoder(module, cfg, Path(cfg.export_encoder), run_dir)
-        log.info("run folder: %s", run_dir)
+        if zero:
+            if getattr(module, "test_outputs", None):
+                write_predictions(module, dm, cfg, run_dir / "predictions.csv")
+            if "test/confusion_matrix" in metrics and classes:
+                from her2lab.plots import confusion_png
+
+                confusion_png(metrics["test/confusion_matrix"], classes, run_dir / "confusion_matrix.png",
+                              title=f"{cfg.task_name} fold {cfg.fold} (test)")
+                _log_confusion(loggers, module, classes)
+            with atomic_path(run_dir / "metrics.json") as tmp:
+                tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            if cfg.get("export_encoder"):
+                export_encoder(module, cfg, Path(cfg.export_encoder), run_dir)
+            log.info("run folder: %s", run_dir)
         return metrics.get(cfg.get("optimized_metric", ""))
     finally:
         for lg in loggers:
-            if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
+            if lg.__class__.__name__ == "WandbLogger":
                 import wandb
 
                 wandb.finish()

@@ -1,0 +1,176 @@
+"""Training options on one shared small cohort: resume, ordinal head, TensorBoard, missing
+features, DDP on two CPU processes, Optuna and submitit sweeps.
+
+The cohort (12 real synthetic slides) and its ResNet-18 features (random weights, 64 px at
+2 µm/px) are made once; every run here reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from her2lab import CONF_DIR
+from her2lab.embed.backbones import BackboneSpec, create_model
+from her2lab.errors import Her2labError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _base(root: Path) -> list[str]:
+    return [
+        f"paths.data_dir={root / 'data'}", "cohort.synthetic.n_slides=12", "cohort.synthetic.n_pairs=0",
+        "data.n_folds=3", "backbone=timm", "backbone.name=resnet18", f"backbone.weights={root / 'r18.pt'}",
+        "backbone.preset=r18", "backbone.input_px=64", "backbone.target_mpp=2.0", "data.module.bag_size=16",
+        "prepare.qc=false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """Data folder with the 12-slide H&E demo cohort, its tiles and features."""
+    from her2lab.run.extract import run_extract
+
+    root = tmp_path_factory.mktemp("options")
+    torch.manual_seed(0)
+    torch.save(create_model(BackboneSpec(name="resnet18", pretrained=False)).state_dict(), root / "r18.pt")
+    report = run_extract(_compose(root, root / "extract"))
+    assert (report.status == "done").sum() == 12
+    return root
+
+
+def _compose(root: Path, out: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", [*_base(root), f"paths.output_dir={out}", *overrides])
+
+
+def _train(root: Path, out: Path, *overrides: str) -> dict:
+    from her2lab.run.train import train
+
+    train(_compose(root, out, *overrides))
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _subprocess(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HER2LAB_LOG_DIR": str(root / "logs")}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *_base(root), *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_resume_from_checkpoint_continues_exactly(cohort, tmp_path):
+    nodrop = ["model.net.dropout=0.0"]
+    _train(cohort, tmp_path / "full", "trainer.max_epochs=4", *nodrop)
+    _train(cohort, tmp_path / "half", "trainer.max_epochs=2", *nodrop)
+    half = tmp_path / "half" / "checkpoints" / "last.ckpt"
+    m = _train(cohort, tmp_path / "resumed", "trainer.max_epochs=4", f"ckpt_path={half}", *nodrop)
+    assert m["epochs_trained"] == 4
+    full, resumed = _state(tmp_path / "full" / "checkpoints" / "last.ckpt"), _state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.allclose(full[k], resumed[k], atol=1e-6), k
+    # and the resumed run did train: its weights moved away from the half-way checkpoint
+    assert any(not torch.allclose(v, _state(half)[k]) for k, v in resumed.items())
+
+
+def test_ordinal_head_trains_and_predicts_probabilities(cohort, tmp_path):
+    m = _train(cohort, tmp_path, "model.net.ordinal=true", "trainer.max_epochs=2")
+    preds = pd.read_csv(tmp_path / "predictions.csv")
+    probs = preds[[c for c in preds.columns if c.startswith("p_")]].to_numpy()
+    assert probs.shape[1] == 4 and (probs >= 0).all() and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert 0 <= m["test/auroc"] <= 1 and "test/qwk" in m
+    head = _state(tmp_path / "checkpoints" / "last.ckpt")
+    assert "net.classifier.gaps" in head  # the cumulative-logit head, not a linear one
+
+
+def test_tensorboard_logger_holds_the_metrics(cohort, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    m = _train(cohort, tmp_path, "logger=tensorboard", "trainer.max_epochs=2")
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "val/auroc", "test/auroc"} <= tags
+    assert acc.Scalars("test/auroc")[-1].value == pytest.approx(m["test/auroc"], abs=1e-6)
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 0
+
+
+def test_slide_without_features_is_an_error_or_dropped_and_listed(cohort, tmp_path):
+    src = next((cohort / "data" / "demo" / "features").glob("*/r18"))
+    feats = tmp_path / "feats"
+    shutil.copytree(src, feats)
+    gone = sorted(feats.glob("*.h5"))[0]
+    gone.unlink()
+    with pytest.raises(Her2labError, match=rf"1 slide\(s\) of the manifest have no features .*{gone.stem}.*data.missing_features=drop"):
+        _train(cohort, tmp_path / "a", f"data.features_dir={feats}", "trainer.max_epochs=1")
+    _train(cohort, tmp_path / "b", f"data.features_dir={feats}", "data.missing_features=drop", "trainer.max_epochs=1")
+    excluded = pd.read_csv(tmp_path / "b" / "excluded_slides.csv")
+    assert list(excluded.slide_id) == [gone.stem]
+    assert gone.stem not in set(pd.read_csv(tmp_path / "b" / "predictions.csv").slide_id)
+
+
+def test_class_weights_of_the_wrong_length_are_an_error(cohort, tmp_path):
+    with pytest.raises(Her2labError, match="class_weights has 2 values for 4 classes"):
+        _train(cohort, tmp_path, "model.class_weights=[1.0,2.0]", "trainer.max_epochs=1")
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_gives_the_metrics_of_one(cohort, tmp_path):
+    # The same global batch either way: 1 process × 8 bags, or 2 processes × 4 bags (DDP averages
+    # the two halves' gradients). Dropout off, so the ranks' random streams do not matter.
+    common = ["model.net.dropout=0.0", "trainer.max_epochs=3", "trainer.accelerator=cpu", "data.module.eval_batch_size=2"]
+    one = _subprocess(cohort, *common, "data.module.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _subprocess(cohort, *common, "trainer=ddp", "trainer.devices=2", "data.module.batch_size=4",
+                      f"hydra.run.dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for k in ("val/auroc_best", "test/auroc", "test/acc", "test/f1", "test/qwk", "test/loss"):
+        assert m2[k] == pytest.approx(m1[k], abs=1e-4), k
+    assert m2["test/confusion_matrix"] == m1["test/confusion_matrix"]
+    p1 = pd.read_csv(tmp_path / "one" / "predictions.csv")
+    p2 = pd.read_csv(tmp_path / "two" / "predictions.csv")
+    assert list(p1.slide_id) == list(p2.slide_id)  # every test slide once, gathered from both ranks
+    cols = [c for c in p1.columns if c.startswith("p_")]
+    assert np.allclose(p1[cols], p2[cols], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_trials_and_reports_the_best(cohort, tmp_path):
+    res = _subprocess(cohort, "hparams_search=abmil_optuna", "hydra.sweeper.n_trials=3",
+                      "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=2", f"hydra.sweep.dir={tmp_path}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    import yaml
+
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    vals = [json.loads((tmp_path / str(i) / "metrics.json").read_text())["val/auroc_best"] for i in range(3)]
+    assert best["best_value"] == pytest.approx(max(vals))
+    # bag_size is fixed on the command line here, and a command-line value wins over the search space
+    assert set(best["best_params"]) >= {"model.optimizer.lr", "model.net.hidden_dim"}
+    assert "data.module.bag_size" not in best["best_params"]
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_training_jobs(cohort, tmp_path):
+    res = _subprocess(cohort, "hydra.mode=MULTIRUN", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "fold=0,1",
+                      "trainer.max_epochs=1", f"hydra.sweep.dir={tmp_path}", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for i in (0, 1):
+        m = json.loads((tmp_path / str(i) / "metrics.json").read_text())
+        assert 0 <= m["test/auroc"] <= 1
+    assert list(tmp_path.glob(".submitit/*/*_log.out"))  # the jobs ran through submitit
