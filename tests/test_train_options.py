@@ -174,3 +174,13 @@ def test_submitit_local_launcher_runs_training_jobs(cohort, tmp_path):
         m = json.loads((tmp_path / str(i) / "metrics.json").read_text())
         assert 0 <= m["test/auroc"] <= 1
     assert list(tmp_path.glob(".submitit/*/*_log.out"))  # the jobs ran through submitit
+
+
+def test_a_failed_sweep_job_does_not_stop_the_others_and_is_summarised(cohort, tmp_path):
+    res = _subprocess(cohort, "hydra.mode=MULTIRUN", "fold=7,0", "trainer.max_epochs=1", f"hydra.sweep.dir={tmp_path}")
+    assert res.returncode != 0  # the sweep as a whole reports the failure
+    assert "error: fold=7 is out of range: use 0..2" in res.stderr
+    summary = pd.read_csv(tmp_path / "sweep_summary.csv")
+    assert list(summary.status) == ["failed", "done"]
+    assert summary.error[0].startswith("fold=7 is out of range") and "fold=7" in summary.overrides[0]
+    assert 0 <= summary["test/auroc"][1] <= 1 and (tmp_path / "1" / "metrics.json").exists()

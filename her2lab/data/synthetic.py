@@ -47,11 +47,11 @@ STAIN_OD = np.array(
 )
 
 #: Share of the tumour covered by positive regions, per score.
-POSITIVE_SHARE = {"0": 0.0, "1+": 0.30, "2+": 0.55, "3+": 0.80}
+POSITIVE_SHARE = {"0": 0.0, "1+": 0.40, "2+": 0.60, "3+": 0.85}
 #: IHC membrane (intensity, completeness as a fraction of the ring) per score.
 MEMBRANE = {"0": (0.0, 0.0), "1+": (0.22, 0.45), "2+": (0.50, 0.85), "3+": (0.95, 1.0)}
 #: H&E morphological strength per score (0 = no change).
-HNE_STRENGTH = {"0": 0.0, "1+": 0.45, "2+": 0.75, "3+": 1.0}
+HNE_STRENGTH = {"0": 0.0, "1+": 0.55, "2+": 0.8, "3+": 1.0}
 
 
 @dataclass
@@ -403,7 +403,7 @@ def render_slide(
     cyto_od = rng.uniform(0.22, 0.32, n)
     if hne and strength > 0:
         # Positive regions in H&E: larger, darker, more pleomorphic nuclei; bluer cytoplasm.
-        nuc_r[pos] *= 1 + 0.30 * strength * cell_rng.uniform(0.6, 1.4, pos.sum())
+        nuc_r[pos] *= 1 + 0.5 * strength * cell_rng.uniform(0.6, 1.4, pos.sum())
         nuc_od[pos] += 0.18 * strength
         cyto_od[pos] -= 0.08 * strength
     cell_r = spacing * 0.48

@@ -29,9 +29,18 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if cause is None:
                 raise
             print(f"error: {cause}", file=sys.stderr)
+            if _in_multirun():
+                raise cause from None  # Hydra marks this job failed and runs the others
             sys.exit(1)
 
     return wrapper
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def her2lab_cause(exc: BaseException) -> Her2labError | None:

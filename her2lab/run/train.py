@@ -233,6 +233,20 @@ def train(cfg: DictConfig) -> float | None:
     written by rank 0 only, and test predictions are gathered from all ranks.
     """
     run_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
+    (run_dir / "failed.txt").unlink(missing_ok=True)
+    try:
+        return _train(cfg, run_dir)
+    except Exception as exc:
+        from her2lab.run.entry import her2lab_cause
+
+        if _is_rank_zero():  # the sweep summary reads this
+            cause = her2lab_cause(exc)
+            msg = str(cause) if cause is not None else f"{type(exc).__name__}: {exc}"
+            (run_dir / "failed.txt").write_text(msg.replace("\n", " ") + "\n")
+        raise
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     ensure_encoder(cfg, run_dir)
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision("high")

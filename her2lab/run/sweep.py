@@ -1,0 +1,77 @@
+"""What a sweep did, in one table: ``sweep_summary.csv`` in the sweep folder.
+
+A Hydra callback (``hydra.callbacks.sweep_summary``) that reads the job folders when the
+multirun ends, whatever launcher ran them (in-process, submitit, SLURM): a job with
+``metrics.json`` is ``done``, one with ``failed.txt`` is ``failed`` (with its one-line error),
+anything else ``unfinished``. Failed jobs are listed in the log; they do not stop the other jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from her2lab.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+METRICS = ("val/auroc_best", "test/auroc", "test/f1", "test/acc", "test/bacc", "test/qwk", "test/loss")
+
+
+def summarize_sweep(sweep_dir: Path) -> pd.DataFrame:
+    """One row per job folder: job, overrides, status, error, run folder and the main metrics."""
+    rows = []
+    for job in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / ".hydra").is_dir()), key=_job_key):
+        ov = job / ".hydra" / "overrides.yaml"
+        overrides = " ".join(OmegaConf.to_container(OmegaConf.load(ov))) if ov.exists() else ""
+        row: dict[str, Any] = {"job": job.name, "overrides": overrides, "status": "unfinished", "error": "", "run_dir": str(job)}
+        done, failed = job / "metrics.json", job / "failed.txt"
+        if failed.exists() and (not done.exists() or failed.stat().st_mtime >= done.stat().st_mtime):
+            row.update(status="failed", error=(failed.read_text().strip().splitlines() or ["?"])[0])
+        elif done.exists():
+            m = json.loads(done.read_text())
+            row.update(status="done", **{k: m.get(k) for k in METRICS})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["job", "overrides", "status", "error", *METRICS, "run_dir"])
+
+
+def _job_key(p: Path) -> tuple[int, str]:
+    return (int(p.name), "") if p.name.isdigit() else (1 << 30, p.name)
+
+
+def write_summary(sweep_dir: Path) -> pd.DataFrame:
+    table = summarize_sweep(sweep_dir)
+    if not table.empty:
+        with atomic_path(sweep_dir / "sweep_summary.csv") as tmp:
+            table.to_csv(tmp, index=False)
+    return table
+
+
+class SweepSummary(Callback):
+    """Rewrites the summary after every job (so it exists even when a failed job makes Hydra
+    stop before ``on_multirun_end``) and once more, with a log line per failure, at the end."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        write_summary(Path(config.hydra.runtime.output_dir).parent)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        table = write_summary(sweep_dir)
+        if table.empty:
+            return
+        counts = table.status.value_counts().to_dict()
+        log.info("sweep: %d done, %d failed, %d unfinished → %s", counts.get("done", 0), counts.get("failed", 0),
+                 counts.get("unfinished", 0), sweep_dir / "sweep_summary.csv")
+        for r in table[table.status == "failed"].itertuples():
+            log.error("job %s (%s) failed: %s", r.job, r.overrides, r.error)
