@@ -50,7 +50,7 @@ def augment(x: torch.Tensor, rng: np.random.Generator, jitter: float) -> torch.T
 
 
 class SlidePatchDataset(Dataset):
-    """(slide, tile) pairs → (normalised image (3, H, W), label)."""
+    """(slide, tile) pairs → (normalised image (3, H, W), label, slide index)."""
 
     def __init__(
         self,
@@ -97,7 +97,11 @@ class SlidePatchDataset(Dataset):
         if self.train:
             x = augment(x, np.random.default_rng((self.seed, self.epoch, i)), self.jitter)
         x = (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
-        return x.contiguous(memory_format=torch.contiguous_format), self.slides[j].label
+        return x.contiguous(memory_format=torch.contiguous_format), self.slides[j].label, j
+
+    @property
+    def records(self) -> list[SlideRecord]:
+        return self.slides
 
 
 class PatchDataModule(pl.LightningDataModule):

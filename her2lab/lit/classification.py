@@ -98,6 +98,8 @@ class ClassificationModule(pl.LightningModule):
 
     def _log_epoch(self, stage: str) -> dict:
         # Every collective (metric sync) happens here, in the same order on every rank.
+        if self.mean_loss[f"{stage}_"].update_count == 0:  # nothing seen (e.g. an epoch resumed at its end)
+            return {}
         values = self.metrics[f"{stage}_"].compute()
         self.metrics[f"{stage}_"].reset()
         loss = self.mean_loss[f"{stage}_"].compute()
@@ -124,7 +126,7 @@ class ClassificationModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_epoch("val")
-        if not self.trainer.sanity_checking:
+        if values and not self.trainer.sanity_checking:
             self.best_val = max(self.best_val, float(values[self.hparams.monitor]))
             self.log(f"{self.hparams.monitor}_best", self.best_val)
 

@@ -13,5 +13,5 @@ class ImageClassifierModule(ClassificationModule):
         return self.net(x)  # (B, C)
 
     def logits_of(self, batch):
-        x, y = batch  # (B, 3, H, W), (B,)
-        return self(x), y, None
+        x, y, *idx = batch  # (B, 3, H, W), (B,), [item indices (B,)]
+        return self(x), y, idx[0] if idx else None

@@ -9,6 +9,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from her2lab.data.cohort import load_manifest
+from her2lab.errors import ManifestError
 from her2lab.io import ensure_writable_dir
 
 log = logging.getLogger(__name__)
@@ -27,4 +28,24 @@ def resolve_cohort(cohort: DictConfig, num_workers: int = 1) -> pd.DataFrame:
         log.info(
             "synthetic cohort %s: %d %s slides in %s", cohort.name, syn.n_slides, syn.stain, root
         )
-    return load_manifest(manifest, mpp_override=cohort.get("mpp_override"))
+    table = load_manifest(manifest, mpp_override=cohort.get("mpp_override"))
+    check_stains(table, cohort)
+    return table
+
+
+def check_stains(table, cohort: DictConfig) -> None:
+    """One stain per cohort: a manifest ``stain`` column with several stains, or one that
+    contradicts ``cohort.stain``, is an error (models would learn the stain, not HER2), unless
+    ``cohort.allow_mixed_stains=true``."""
+    if "stain" not in table.columns or cohort.get("allow_mixed_stains", False):
+        return
+    stains = table["stain"].astype(str).str.strip().str.lower()
+    counts = stains[stains != ""].value_counts()
+    if len(counts) > 1:
+        raise ManifestError(
+            f"{cohort.manifest}: mixed stains in one cohort ({', '.join(f'{k}: {v}' for k, v in counts.items())}); "
+            "split the manifest by stain, or set cohort.allow_mixed_stains=true"
+        )
+    want = str(cohort.get("stain") or "").lower()
+    if want and len(counts) == 1 and counts.index[0] != want:
+        raise ManifestError(f"{cohort.manifest}: slides are {counts.index[0]} but cohort.stain={want}; fix one of them")

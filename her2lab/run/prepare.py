@@ -130,6 +130,11 @@ def prepare_slide(slide_id: str, path: str, mpp: float | None, settings: Prepare
     """Segment, tile, thumbnail and QC one slide; returns a report row. Raises on a bad slide."""
     t0 = time.perf_counter()
     with Slide(path, mpp_override=mpp, slide_id=slide_id) as slide:
+        if settings.thumb_mpp < slide.level0_mpp * 0.999:
+            raise SlideError(
+                f"{slide.path}: thumbnail at {settings.thumb_mpp:g} µm/px is finer than the slide's "
+                f"level 0 ({slide.level0_mpp:.3g} µm/px); use a coarser thumb_mpp"
+            )
         seg_mpp = settings.tissue.seg_mpp
         seg_img = slide.read_at_mpp(seg_mpp)
         mask = segment_tissue(seg_img, settings.tissue)

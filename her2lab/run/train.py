@@ -67,6 +67,25 @@ def prepared_splits(cfg: DictConfig, run_dir: Path, tiling: TilingParams) -> dic
     )
 
 
+def thumbnail_splits(cfg: DictConfig, run_dir: Path) -> dict[str, list]:
+    """Split cohort → prepared slides with thumbnails at ``data.thumb_mpp`` → thumbnail records."""
+    import dataclasses
+
+    from her2lab.data.thumbnails import ThumbRecord
+
+    table = cohort_split(cfg, run_dir)
+    tiling = TilingParams(**OmegaConf.to_container(cfg.tiling, resolve=True))
+    prep = dataclasses.replace(settings_from_config(cfg, tiling), thumb_mpp=float(cfg.data.thumb_mpp))
+    report = prepare_cohort(table, prep, num_workers=cfg.get("num_workers", 1))
+    failed = report[report.status == "failed"]
+    table = _exclude(cfg, table, dict(zip(failed.slide_id, failed.error.astype(str), strict=True)), prep.cache_dir, run_dir, "thumbnail")
+    return _by_split(
+        table,
+        lambda r: ThumbRecord(r.slide_id, str(prep.thumb_path(r.slide_id)), str(prep.tiles_path(r.slide_id)), int(r.label)),
+        cfg,
+    )
+
+
 def bag_splits(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, list], pd.DataFrame]:
     """Split cohort → features (extracted when missing, or a given folder) → bag records."""
     from her2lab.data.bags import BagRecord
@@ -86,24 +105,26 @@ def bag_splits(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, list], pd.Data
     return _by_split(table, lambda r: BagRecord(r.slide_id, str(folder / f"{r.slide_id}.h5"), int(r.label)), cfg), table
 
 
-def _exclude(cfg: DictConfig, table: pd.DataFrame, missing: dict[str, str], folder: Path, run_dir: Path) -> pd.DataFrame:
-    """Slides of the manifest without features: an error, or (``data.missing_features=drop``)
-    left out and listed in ``excluded_slides.csv`` — never silently."""
+def _exclude(
+    cfg: DictConfig, table: pd.DataFrame, missing: dict[str, str], folder: Path, run_dir: Path, what: str = "features"
+) -> pd.DataFrame:
+    """Slides of the manifest without input (features, a thumbnail): an error, or
+    (``data.missing_slides=drop``) left out and listed in ``excluded_slides.csv`` — never silently."""
     if not missing:
         return table
     ids = sorted(missing)
-    policy = cfg.data.get("missing_features", "error")
+    policy = cfg.data.get("missing_slides", "error")
     if policy not in ("error", "drop"):
-        raise Her2labError(f"data.missing_features={policy!r}: use error or drop")
+        raise Her2labError(f"data.missing_slides={policy!r}: use error or drop")
     if policy == "error":
         raise Her2labError(
-            f"{len(ids)} slide(s) of the manifest have no features in {folder} ({', '.join(ids[:5])}"
+            f"{len(ids)} slide(s) of the manifest have no {what} in {folder} ({', '.join(ids[:5])}"
             f"{', …' if len(ids) > 5 else ''}: {missing[ids[0]]}); fix them, or set "
-            "data.missing_features=drop to train without them"
+            "data.missing_slides=drop to train without them"
         )
     with atomic_path(run_dir / "excluded_slides.csv") as tmp:
         pd.DataFrame({"slide_id": ids, "reason": [missing[i] for i in ids]}).to_csv(tmp, index=False)
-    log.warning("%d slide(s) left out (no features; listed in excluded_slides.csv): %s", len(ids), ", ".join(ids[:10]))
+    log.warning("%d slide(s) left out (no %s; listed in excluded_slides.csv): %s", len(ids), what, ", ".join(ids[:10]))
     return table[~table.slide_id.isin(missing)]
 
 
@@ -126,7 +147,10 @@ def build_datamodule(cfg: DictConfig, run_dir: Path) -> pl.LightningDataModule:
         return _instantiate(
             cfg.data.module, input_px=bb.input_px, mean=list(bb.mean), std=list(bb.std), num_classes=cfg.labels.num_classes
         )
-    raise Her2labError(f"data.kind={kind!r} is not known; use bags, patches or patch_folder")
+    if kind == "thumbnail":
+        splits = thumbnail_splits(cfg, run_dir)
+        return _instantiate(cfg.data.module, splits=splits, thumb_mpp=float(cfg.data.thumb_mpp))
+    raise Her2labError(f"data.kind={kind!r} is not known; use bags, patches, patch_folder or thumbnail")
 
 
 def write_predictions(module, dm, cfg: DictConfig, path: Path) -> None:
@@ -289,6 +313,12 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
                 confusion_png(metrics["test/confusion_matrix"], classes, run_dir / "confusion_matrix.png",
                               title=f"{cfg.task_name} fold {cfg.fold} (test)")
                 _log_confusion(loggers, module, classes)
+            gc = cfg.get("gradcam") or {}
+            if cfg.data.kind == "thumbnail" and gc.get("enabled", True) and module.test_outputs:
+                from her2lab.explain.gradcam import save_gradcam
+
+                save_gradcam(module, dm.datasets["test"], module.test_outputs, classes, run_dir / "gradcam",
+                             layer=gc.get("layer"), limit=gc.get("limit"))
             with atomic_path(run_dir / "metrics.json") as tmp:
                 tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
             if cfg.get("export_encoder"):
