@@ -39,7 +39,7 @@ def _prepared(root: Path, cohort_root: Path, thumb_mpp: float = 8.0) -> tuple[Pr
     settings = PrepareSettings(cache_dir=root, tiling=TilingParams(target_mpp=2.0, patch_px=64), tissue=TissueParams(),
                                thumb_mpp=thumb_mpp, qc=False)
     report = prepare_cohort(manifest, settings, num_workers=1)
-    assert (report.status == "done").all(), report.error.tolist()
+    assert (report.status != "failed").all(), report.error.tolist()
     return settings, manifest
 
 
@@ -204,8 +204,8 @@ def test_patch_classifier_baseline_scores_slides(tmp_path):
 
 
 def test_gradcam_finds_the_positive_region_better_than_chance(ihc_thumbs):
-    """A ConvNeXt taught 'is there HER2 membrane staining' on IHC thumbnails looks at the stained
-    tumour: its Grad-CAM ranks the generator's positive-region pixels above the rest of the tissue."""
+    """A ConvNeXt taught 'is this 2+/3+' on IHC thumbnails looks at the stained tumour: its
+    Grad-CAM ranks the generator's positive-region pixels above the rest of the tissue."""
     from sklearn.metrics import roc_auc_score
 
     from her2lab.explain.gradcam import cam_maps
@@ -213,29 +213,28 @@ def test_gradcam_finds_the_positive_region_better_than_chance(ihc_thumbs):
 
     _, _, recs, cohort_root = ihc_thumbs
     recs = [ThumbRecord(r.slide_id, r.thumb_path, r.tiles_path, int(r.label >= 2)) for r in recs]  # 0/1+ vs 2+/3+
-    ds = ThumbnailDataset(recs, 8.0, 96, "long_side", 0.0, MEAN, STD, train=True, hed_sigma=0.02, scale_jitter=0.05)
+    ds = ThumbnailDataset(recs, 8.0, 128, "long_side", 0.0, MEAN, STD, train=False)
+    x, y, _ = zip(*[ds[i] for i in range(len(ds))], strict=True)
+    x, y = torch.stack(x), torch.tensor(y)
     torch.manual_seed(0)
     net = build_image_classifier("convnext_atto", num_classes=2)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.0)
-    for epoch in range(25):
-        ds.epoch = epoch
-        x, y, _ = zip(*[ds[i] for i in range(len(ds))], strict=True)
-        loss = torch.nn.functional.cross_entropy(net(torch.stack(x)), torch.tensor(y))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.0)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    ev = ThumbnailDataset(recs, 8.0, 96, "long_side", 0.0, MEAN, STD, train=False)
+    assert loss < 0.3  # it learned the training slides
     aucs = []
     masks = cohort_root / "masks"
     for i, r in enumerate(recs):
         if r.label != 1:
             continue
-        cam = cam_maps(net, ev[i][0][None], [1])[0]
-        # the truth masks, laid out like the model input
+        cam = cam_maps(net, x[i : i + 1], [1], layer="stages.2")[0]  # 8×8 map at 128 px
         pos = cv2.imread(str(masks / f"{r.slide_id}_positive.png"), cv2.IMREAD_GRAYSCALE)
         tis = cv2.imread(str(masks / f"{r.slide_id}_tissue.png"), cv2.IMREAD_GRAYSCALE)
-        aucs.append(roc_auc_score(*_in_input(ev, i, pos, tis, cam)))
-    assert np.mean(aucs) > 0.6, aucs
+        aucs.append(roc_auc_score(*_in_input(ds, i, pos, tis, cam)))
+    assert len(aucs) >= 2 and np.mean(aucs) > 0.6, aucs  # chance is 0.5
 
 
 def _in_input(ds: ThumbnailDataset, i: int, pos: np.ndarray, tis: np.ndarray, cam: np.ndarray):
