@@ -61,7 +61,8 @@ def test_tissue_box_holds_all_the_tissue_and_the_input_keeps_its_aspect(ihc_thum
     import h5py
 
     for fit in ("mpp", "long_side"):
-        ds = ThumbnailDataset(recs, 8.0, 128, fit, 100.0, MEAN, STD, train=False)
+        ds = ThumbnailDataset(recs, 8.0, 128, fit, 100.0, MEAN, STD, train=False, mask_background=False)
+        masked = ThumbnailDataset(recs, 8.0, 128, fit, 100.0, MEAN, STD, train=False)
         for i, r in enumerate(recs):
             thumb = cv2.imread(r.thumb_path)
             x0, y0, x1, y1 = tissue_box(r.tiles_path, 8.0, thumb.shape[:2], 0.0)
@@ -79,6 +80,11 @@ def test_tissue_box_holds_all_the_tissue_and_the_input_keeps_its_aspect(ihc_thum
             assert max(ch, cw) <= 128 and abs(cw / ch - w / h) < 0.1 * (w / h) + 2 / min(ch, cw)
             if fit == "long_side":
                 assert max(ch, cw) >= 126  # the tissue's long side fills the input
+            # with the default masking, outside the tissue is glass: no black slide edge, no pen
+            m = masked.image(i)
+            assert (m.max(-1) < 100).sum() == 0
+            assert ((m[..., 2].astype(int) - m[..., 0]) > 60).sum() == 0  # blue pen
+            assert (m != 255).any(-1).mean() > 0.2  # and the tissue is still there
 
 
 def test_extreme_aspect_ratio_is_padded_not_cut():

@@ -5,7 +5,8 @@ prepare step at ``data.thumb_mpp``) — no second way of reading slides. Each is
 tissue's bounding box (the prepare step's tissue mask, plus a margin), scaled — ``fit: mpp``
 keeps the thumbnail's µm/px and only shrinks what would not fit, ``fit: long_side`` scales the
 tissue's long side to the input — and padded to a square of ``input_px`` with white glass, so the
-aspect ratio is kept and all of the tissue is in view.
+aspect ratio is kept and all of the tissue is in view. Outside the tissue mask the image is set
+to glass (``mask_background``), so pen marks, dust and black edges cannot become shortcuts.
 
 Training augmentations suited to slides: the 8 dihedral transforms (flips, 90° rotations), a
 modest stain jitter in HED space (Tellez et al. 2018: per-stain scale and shift of the optical
@@ -30,6 +31,7 @@ from her2lab.errors import Her2labError
 log = logging.getLogger(__name__)
 
 BACKGROUND = 255  # glass
+DARK = 50  # no stained tissue is this dark at thumbnail resolution; black slide edges are
 MIN_TISSUE_PX = 16  # a thumbnail whose tissue is smaller than this holds nothing to learn from
 
 
@@ -41,11 +43,15 @@ class ThumbRecord:
     label: int
 
 
+def read_tissue_mask(tiles_path: str) -> tuple[np.ndarray, float]:
+    """The prepare step's tissue mask (bool) and its µm/px."""
+    with h5py.File(tiles_path, "r") as f:
+        return f["tissue_mask"][:].astype(bool), float(f.attrs["mask_mpp"])
+
+
 def tissue_box(tiles_path: str, thumb_mpp: float, thumb_shape: tuple[int, int], margin_um: float) -> tuple[int, int, int, int]:
     """Tissue bounding box ``(x0, y0, x1, y1)`` in thumbnail pixels, with a margin, clipped."""
-    with h5py.File(tiles_path, "r") as f:
-        mask = f["tissue_mask"][:]
-        mask_mpp = float(f.attrs["mask_mpp"])
+    mask, mask_mpp = read_tissue_mask(tiles_path)
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         raise Her2labError(f"{tiles_path}: empty tissue mask; re-run the prepare step")
@@ -106,6 +112,7 @@ class ThumbnailDataset(Dataset):
         hed_sigma: float = 0.05,
         scale_jitter: float = 0.1,
         seed: int = 0,
+        mask_background: bool = True,
     ) -> None:
         if fit not in ("mpp", "long_side"):
             raise Her2labError(f"data.module.fit={fit!r}: use mpp (keep µm/px) or long_side")
@@ -114,18 +121,24 @@ class ThumbnailDataset(Dataset):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.epoch = 0
+        self.mask_background = mask_background
         self.crops = [self._crop(r, thumb_mpp, margin_um) for r in records]  # small: kept in memory
         shrunk = [r.slide_id for r, c in zip(records, self.crops, strict=True) if fit == "mpp" and max(c.shape[:2]) > input_px]
         if shrunk:
             log.warning("%d slide(s) have tissue larger than %d px at %g µm/px and are shrunk to fit (e.g. %s)",
                         len(shrunk), input_px, thumb_mpp, shrunk[0])
 
-    @staticmethod
-    def _crop(r: ThumbRecord, thumb_mpp: float, margin_um: float) -> np.ndarray:
+    def _crop(self, r: ThumbRecord, thumb_mpp: float, margin_um: float) -> np.ndarray:
         img = cv2.imread(r.thumb_path, cv2.IMREAD_COLOR)
         if img is None:
             raise Her2labError(f"{r.thumb_path}: thumbnail missing or unreadable; re-run the prepare step")
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        if self.mask_background:  # glass, pen, dust and edges become plain glass: nothing to learn there
+            mask, _ = read_tissue_mask(r.tiles_path)
+            mask = cv2.resize(mask.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
+            # near-black (and its blended rim): slide edges, not tissue
+            dark = cv2.dilate((img.max(-1) < DARK).astype(np.uint8), np.ones((5, 5), np.uint8))
+            img[(mask == 0) | (dark > 0)] = BACKGROUND
         x0, y0, x1, y1 = tissue_box(r.tiles_path, thumb_mpp, img.shape[:2], margin_um)
         if max(x1 - x0, y1 - y0) < MIN_TISSUE_PX:
             raise Her2labError(
@@ -171,6 +184,7 @@ class ThumbnailDataModule(pl.LightningDataModule):
         margin_um: float = 100.0,
         hed_sigma: float = 0.05,
         scale_jitter: float = 0.1,
+        mask_background: bool = True,
         batch_size: int = 8,
         eval_batch_size: int = 8,
         balanced_sampler: bool = False,
@@ -180,7 +194,8 @@ class ThumbnailDataModule(pl.LightningDataModule):
         super().__init__()
         self.splits = splits
         self.kw = dict(thumb_mpp=thumb_mpp, input_px=input_px, fit=fit, margin_um=margin_um, mean=tuple(mean),
-                       std=tuple(std), hed_sigma=hed_sigma, scale_jitter=scale_jitter, seed=seed)
+                       std=tuple(std), hed_sigma=hed_sigma, scale_jitter=scale_jitter, seed=seed,
+                       mask_background=mask_background)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.balanced_sampler, self.num_workers, self.seed = balanced_sampler, num_workers, seed
         self.datasets: dict[str, ThumbnailDataset] = {}
