@@ -70,3 +70,12 @@ def test_pretrain_experiments_export_where_the_preset_looks():
         cfg = _compose("train", [f"experiment={exp}", f"backbone={bb}"])
         assert cfg.export_encoder == cfg.backbone.weights and Path(cfg.backbone.weights).name == f"{bb}.safetensors"
         assert cfg.cohort.name != "demo"  # never the MIL cohort
+
+
+def test_paper_b_experiments_share_cohort_labels_and_folds():
+    cfgs = [_compose("train", [f"experiment=paper_b_{m}"]) for m in ("convnext", "mil", "patch")]
+    for cfg in cfgs:
+        assert cfg.cohort.name == "demo_ihc" and cfg.labels.name == "her2_3way" and cfg.labels.num_classes == 3
+        assert cfg.data.n_folds == 5 and cfg.seed == cfgs[0].seed
+    assert [c.data.kind for c in cfgs] == ["thumbnail", "bags", "patches"]
+    assert cfgs[0].model.net.name.startswith("convnext") and cfgs[2].model.aggregate == "mean"

@@ -192,3 +192,9 @@ def test_a_failed_sweep_job_does_not_stop_the_others_and_is_summarised(cohort, t
     assert list(summary.status) == ["failed", "done"]
     assert summary.error[0].startswith("fold=7 is out of range") and "fold=7" in summary.overrides[0]
     assert 0 <= summary["test/auroc"][1] <= 1 and (tmp_path / "1" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("model", ["meanpool", "maxpool"])
+def test_pooling_baselines_train_and_test(cohort, tmp_path, model):
+    m = _train(cohort, tmp_path, f"model={model}", "trainer.max_epochs=2")
+    assert 0 <= m["test/auroc"] <= 1 and len(pd.read_csv(tmp_path / "predictions.csv")) == 4
