@@ -120,7 +120,39 @@ class BagSampler(DistributedSampler):
         return iter(order[self.rank :: self.num_replicas].tolist())
 
 
-class BagDataModule(pl.LightningDataModule):
+class SlideLoaders:
+    """Data loaders of a datamodule with one item per slide (``self.datasets`` by split):
+    :class:`BagSampler` order, sharded over the trainer's ranks. ``collate_fn`` says how items
+    make a batch (``None``: PyTorch's default)."""
+
+    collate_fn = None
+
+    def _ranks(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.datasets["train"]
+        rank, world = self._ranks()
+        sampler = BagSampler(ds, shuffle=True, balanced=self.balanced_sampler, seed=self.seed, rank=rank, world=world)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_fn, num_workers=self.num_workers)
+
+    def _eval(self, name: str) -> DataLoader:
+        rank, world = self._ranks()
+        sampler = BagSampler(self.datasets[name], shuffle=False, rank=rank, world=world)
+        return DataLoader(self.datasets[name], batch_size=self.eval_batch_size, sampler=sampler,
+                          collate_fn=self.collate_fn, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval("test" if "test" in self.datasets else "val")
+
+
+class BagDataModule(SlideLoaders, pl.LightningDataModule):
+    collate_fn = staticmethod(pad_bags)
+
     def __init__(
         self,
         splits: dict[str, list[BagRecord]],
@@ -148,26 +180,3 @@ class BagDataModule(pl.LightningDataModule):
                 self.datasets[name] = BagDataset(
                     recs, self.bag_size if train else None, train, self.in_memory, self.embed_dim, self.seed
                 )
-
-    def _ranks(self) -> tuple[int, int]:
-        t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
-
-    def train_dataloader(self) -> DataLoader:
-        ds = self.datasets["train"]
-        rank, world = self._ranks()
-        sampler = BagSampler(ds, shuffle=True, balanced=self.balanced_sampler, seed=self.seed, rank=rank, world=world)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=pad_bags, num_workers=self.num_workers)
-
-    def _eval(self, name: str) -> DataLoader:
-        rank, world = self._ranks()
-        sampler = BagSampler(self.datasets[name], shuffle=False, rank=rank, world=world)
-        return DataLoader(
-            self.datasets[name], batch_size=self.eval_batch_size, sampler=sampler, collate_fn=pad_bags, num_workers=self.num_workers
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval("test" if "test" in self.datasets else "val")

@@ -23,9 +23,9 @@ import h5py
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from her2lab.data.bags import BagSampler
+from her2lab.data.bags import SlideLoaders
 from her2lab.errors import Her2labError
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class ThumbnailDataset(Dataset):
         return x.contiguous(), self.records[i].label, i
 
 
-class ThumbnailDataModule(pl.LightningDataModule):
+class ThumbnailDataModule(SlideLoaders, pl.LightningDataModule):
     def __init__(
         self,
         splits: dict[str, list[ThumbRecord]],
@@ -204,24 +204,3 @@ class ThumbnailDataModule(pl.LightningDataModule):
         for name, recs in self.splits.items():
             if recs and name not in self.datasets:
                 self.datasets[name] = ThumbnailDataset(recs, train=name == "train", **self.kw)
-
-    def _ranks(self) -> tuple[int, int]:
-        t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
-
-    def train_dataloader(self) -> DataLoader:
-        ds = self.datasets["train"]
-        rank, world = self._ranks()
-        sampler = BagSampler(ds, shuffle=True, balanced=self.balanced_sampler, seed=self.seed, rank=rank, world=world)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
-
-    def _eval(self, name: str) -> DataLoader:
-        rank, world = self._ranks()
-        sampler = BagSampler(self.datasets[name], shuffle=False, rank=rank, world=world)
-        return DataLoader(self.datasets[name], batch_size=self.eval_batch_size, sampler=sampler, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval("test" if "test" in self.datasets else "val")
