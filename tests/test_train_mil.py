@@ -121,6 +121,11 @@ def test_multirun_over_folds_jobs_are_self_contained(tmp_path):
         wb = list(run.glob("wandb/offline-run-*/run-*.wandb"))
         assert len(wb) == 1 and b"train-sweep" in wb[0].read_bytes()
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # the sweep's summaries: every job's status, and the cross-validation summary over the folds
+    summary = pd.read_csv(tmp_path / "sweep" / "sweep_summary.csv")
+    assert list(summary.status) == ["done", "done"]
+    cv = pd.read_csv(tmp_path / "sweep" / "cv_summary.csv")
+    assert len(cv) == 1 and cv.folds_done[0] == 2 and cv["pooled slides"][0] == len(tests[0] | tests[1])
     # features were extracted once and reused by the second job
     feats = list((tmp_path / "data" / "demo" / "features" / "2mpp_64px_0px_overlap" / "r18").glob("*.h5"))
     assert len(feats) == 12

@@ -75,3 +75,11 @@ class SweepSummary(Callback):
                  counts.get("unfinished", 0), sweep_dir / "sweep_summary.csv")
         for r in table[table.status == "failed"].itertuples():
             log.error("job %s (%s) failed: %s", r.job, r.overrides, r.error)
+        if (table.status == "done").any() and table.overrides.str.contains(r"(?:^|\s)fold=").any():
+            from her2lab.eval.cv import cv_summary
+
+            try:
+                cv_summary(sweep_dir)
+                log.info("cross-validation summary → %s", sweep_dir / "cv_summary.md")
+            except Exception as exc:  # a summary problem must not turn a finished sweep into a failure
+                log.error("cross-validation summary failed: %s", exc)

@@ -1,0 +1,81 @@
+"""Slide-level metrics from predictions, with bootstrap confidence intervals resampled by patient.
+
+Slides of one patient are not independent, so the bootstrap draws *patients* with replacement
+and keeps all their slides (the cluster bootstrap). The interval is the percentile interval of
+the resampled metric. A resample that lacks a class cannot give that class's AUROC; macro AUROC
+averages the classes present, as the training metrics do.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    f1_score,
+    roc_auc_score,
+)
+
+
+def macro_auroc(y: np.ndarray, probs: np.ndarray) -> float:
+    """One-vs-rest AUROC averaged over the classes with both positives and negatives in ``y``."""
+    vals = [roc_auc_score(y == c, probs[:, c]) for c in range(probs.shape[1]) if 0 < (y == c).sum() < len(y)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def slide_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Macro AUROC, macro F1, accuracy, balanced accuracy, quadratic-weighted kappa."""
+    with warnings.catch_warnings():  # resamples often lack a class: expected, handled
+        warnings.simplefilter("ignore", UserWarning)
+        return _slide_metrics(y, probs)
+
+
+def _slide_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    k = probs.shape[1]
+    pred = probs.argmax(1)
+    labels = list(range(k))
+    return {
+        "auroc": macro_auroc(y, probs),
+        "f1": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
+        "acc": float(accuracy_score(y, pred)),
+        "bacc": float(balanced_accuracy_score(y, pred)) if len(np.unique(y)) > 1 else float("nan"),
+        "qwk": float(cohen_kappa_score(y, pred, labels=labels, weights="quadratic")) if len(np.unique(np.r_[y, pred])) > 1 else float("nan"),
+    }
+
+
+def patient_bootstrap(
+    table: pd.DataFrame,
+    metric: Callable[[np.ndarray, np.ndarray], dict[str, float]] = slide_metrics,
+    n: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Point estimate and percentile CI per metric.
+
+    ``table``: one row per slide with ``patient_id``, ``label_index`` and ``p_*`` columns (the
+    layout of ``predictions.csv`` plus the patient). Returns rows ``metric, value, lo, hi, n_boot``.
+    """
+    probs_cols = [c for c in table.columns if c.startswith("p_")]
+    y = table["label_index"].to_numpy()
+    p = table[probs_cols].to_numpy(dtype=float)
+    point = metric(y, p)
+    groups = table.groupby("patient_id").indices
+    members = list(groups.values())
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {k: [] for k in point}
+    for _ in range(n):
+        idx = np.concatenate([members[i] for i in rng.integers(len(members), size=len(members))])
+        for k, v in metric(y[idx], p[idx]).items():
+            draws[k].append(v)
+    rows = []
+    for k, v in point.items():
+        d = np.asarray(draws[k], dtype=float)
+        d = d[np.isfinite(d)]
+        lo, hi = (np.quantile(d, [alpha / 2, 1 - alpha / 2]) if len(d) else (np.nan, np.nan))
+        rows.append({"metric": k, "value": v, "lo": float(lo), "hi": float(hi), "n_boot": len(d)})
+    return pd.DataFrame(rows)

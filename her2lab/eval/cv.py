@@ -1,0 +1,121 @@
+"""Cross-validation summary of a sweep folder: ``cv_summary.csv`` and ``cv_summary.md``.
+
+Jobs are grouped by their overrides without ``fold=…`` (one group per setting, e.g. per
+backbone). Per group: the test metrics' mean ± sd over its folds, and the pooled out-of-fold
+metrics — every test prediction of the group's folds together, each slide once — with 95 %
+bootstrap intervals resampled by patient. Failed and unfinished jobs are left out and listed.
+
+    python -m her2lab.cv <sweep dir> [--n-boot 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from her2lab.errors import Her2labError
+from her2lab.eval.bootstrap import patient_bootstrap
+from her2lab.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+FOLD_METRICS = ("test/auroc", "test/f1", "test/acc", "test/bacc", "test/qwk")
+FOLD_RE = re.compile(r"(^|\s)fold=\S+")
+
+
+def setting_of(overrides: str) -> str:
+    return FOLD_RE.sub(" ", str(overrides or "")).strip() or "(defaults)"
+
+
+def out_of_fold(run_dirs: list[Path]) -> pd.DataFrame:
+    """The test predictions of several fold runs, with patient ids; each slide at most once."""
+    parts = []
+    for run in run_dirs:
+        preds = pd.read_csv(run / "predictions.csv")
+        splits = pd.read_csv(run / "splits.csv", dtype={"slide_id": str, "patient_id": str})
+        parts.append(preds.merge(splits[["slide_id", "patient_id"]], on="slide_id", how="left"))
+    table = pd.concat(parts, ignore_index=True)
+    dup = table.slide_id[table.slide_id.duplicated()]
+    if len(dup):
+        raise Her2labError(f"slide(s) {', '.join(dup[:5])} are test predictions of more than one run; pool runs of different folds only")
+    return table
+
+
+def cv_summary(sweep_dir: Path, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per setting; writes ``cv_summary.csv`` and ``cv_summary.md`` in ``sweep_dir``."""
+    from her2lab.run.sweep import summarize_sweep
+
+    jobs = summarize_sweep(sweep_dir)
+    if jobs.empty:
+        raise Her2labError(f"{sweep_dir}: no job folders (a Hydra multirun folder has 0/, 1/, …)")
+    jobs["setting"] = jobs.overrides.map(setting_of)
+    rows = []
+    for setting, g in jobs.groupby("setting", sort=False):
+        done = g[g.status == "done"]
+        row: dict = {"setting": setting, "folds_done": len(done), "folds_left_out": len(g) - len(done),
+                     "left_out_jobs": " ".join(g.job[g.status != "done"].astype(str))}
+        for m in FOLD_METRICS:
+            v = done[m].astype(float)
+            row[f"{m} mean"] = v.mean() if len(v) else np.nan
+            row[f"{m} sd"] = v.std(ddof=1) if len(v) > 1 else np.nan
+        if len(done):
+            pooled = patient_bootstrap(out_of_fold([Path(r) for r in done.run_dir]), n=n_boot, seed=seed)
+            for r in pooled.itertuples():
+                row[f"pooled {r.metric}"] = r.value
+                row[f"pooled {r.metric} lo"] = r.lo
+                row[f"pooled {r.metric} hi"] = r.hi
+            row["pooled slides"] = int(sum(len(pd.read_csv(Path(r) / "predictions.csv")) for r in done.run_dir))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    with atomic_path(Path(sweep_dir) / "cv_summary.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(Path(sweep_dir) / "cv_summary.md") as tmp:
+        tmp.write_text(markdown(table))
+    return table
+
+
+def _ci(row: pd.Series, m: str) -> str:
+    v = row.get(f"pooled {m}", np.nan)
+    if not np.isfinite(v):
+        return "–"
+    return f"{v:.3f} [{row[f'pooled {m} lo']:.3f}, {row[f'pooled {m} hi']:.3f}]"
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = [
+        "| setting | folds | test AUROC mean ± sd | test F1 mean ± sd | pooled AUROC [95% CI] | pooled F1 [95% CI] | pooled acc [95% CI] |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for _, r in table.iterrows():
+        ms = [f"{r[f'{m} mean']:.3f} ± {r[f'{m} sd']:.3f}" if np.isfinite(r[f"{m} sd"]) else (
+            f"{r[f'{m} mean']:.3f}" if np.isfinite(r[f"{m} mean"]) else "–") for m in ("test/auroc", "test/f1")]
+        folds = f"{int(r.folds_done)}" + (f" (+{int(r.folds_left_out)} failed/unfinished: jobs {r.left_out_jobs})" if r.folds_left_out else "")
+        lines.append(f"| `{r.setting}` | {folds} | {ms[0]} | {ms[1]} | {_ci(r, 'auroc')} | {_ci(r, 'f1')} | {_ci(r, 'acc')} |")
+    lines.append("")
+    lines.append("Pooled: all test predictions of a setting's folds together (each slide once); intervals: "
+                 "percentile bootstrap resampling patients.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from her2lab.run.entry import one_line_errors
+
+    ap = argparse.ArgumentParser(prog="python -m her2lab.cv", description="Cross-validation summary of a sweep folder")
+    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    a = ap.parse_args(argv)
+
+    @one_line_errors
+    def run() -> None:
+        if not a.sweep_dir.is_dir():
+            raise Her2labError(f"{a.sweep_dir}: not a folder")
+        table = cv_summary(a.sweep_dir, n_boot=a.n_boot)
+        print(markdown(table))
+        print(f"→ {a.sweep_dir / 'cv_summary.csv'}, {a.sweep_dir / 'cv_summary.md'}")
+
+    run()
