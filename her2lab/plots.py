@@ -35,3 +35,65 @@ def confusion_png(matrix, class_names: list[str], path: Path, title: str = "") -
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def _figure(size: tuple[float, float]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(figsize=size, dpi=120)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def roc_png(y: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path, title: str = "") -> Path:
+    """One-vs-rest ROC curve per class (classes absent from ``y`` are skipped)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt, fig, ax = _figure((4.6, 4.2))
+    for c, name in enumerate(class_names):
+        t = y == c
+        if 0 < t.sum() < len(t):
+            fpr, tpr, _ = roc_curve(t, probs[:, c])
+            ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(t, probs[:, c]):.3f}, n={int(t.sum())})")
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title or "ROC, one vs rest", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(plt, fig, path)
+
+
+def reliability_png(y: np.ndarray, probs: np.ndarray, path: Path, n_bins: int = 10, title: str = "") -> float:
+    """Reliability diagram of the top-label confidence; returns the expected calibration error
+    (torchmetrics, ``n_bins`` equal-width bins)."""
+    import torch
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    ece = float(multiclass_calibration_error(torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(y),
+                                             num_classes=probs.shape[1], n_bins=n_bins, norm="l1"))
+    conf, correct = probs.max(1), (probs.argmax(1) == y)
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, n_bins - 1)
+    plt, fig, ax = _figure((4.2, 4.2))
+    for b in range(n_bins):
+        m = which == b
+        if m.any():
+            ax.bar(edges[b], correct[m].mean(), width=1 / n_bins, align="edge", color="tab:blue", alpha=0.7, edgecolor="k")
+            ax.text(edges[b] + 0.5 / n_bins, 0.02, str(int(m.sum())), ha="center", fontsize=7)
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top class)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}  ECE {ece:.3f}" if title else f"ECE {ece:.3f}", fontsize=10)
+    _save(plt, fig, path)
+    return ece

@@ -198,3 +198,49 @@ def test_a_failed_sweep_job_does_not_stop_the_others_and_is_summarised(cohort, t
 def test_pooling_baselines_train_and_test(cohort, tmp_path, model):
     m = _train(cohort, tmp_path, f"model={model}", "trainer.max_epochs=2")
     assert 0 <= m["test/auroc"] <= 1 and len(pd.read_csv(tmp_path / "predictions.csv")) == 4
+
+
+def test_eval_reproduces_the_run_and_adds_uncertainty(cohort, tmp_path):
+    from omegaconf import OmegaConf
+
+    from her2lab.run.evaluate import evaluate
+
+    run = tmp_path / "run"
+    m = _train(cohort, run, "trainer.max_epochs=3")
+    cfg = OmegaConf.create({"run_dir": str(run), "ckpt_path": None, "split": "test", "n_boot": 200, "seed": 0,
+                            "output_dir": str(tmp_path / "eval")})
+    evaluate(cfg)
+    e = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for k in ("test/auroc", "test/acc", "test/f1", "test/qwk", "test/loss"):
+        assert e[k] == pytest.approx(m[k], abs=1e-6), k
+    assert e["test/confusion_matrix"] == m["test/confusion_matrix"] and 0 <= e["test/ece"] <= 1
+    p_run, p_eval = pd.read_csv(run / "predictions.csv"), pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    assert list(p_run.slide_id) == list(p_eval.slide_id)
+    cols = [c for c in p_run.columns if c.startswith("p_")]
+    assert np.allclose(p_run[cols], p_eval[cols], atol=1e-6)
+    ci = pd.read_csv(tmp_path / "eval" / "metrics_ci.csv").set_index("metric")
+    assert ci.loc["auroc", "value"] == pytest.approx(m["test/auroc"], abs=1e-6)
+    assert ci.loc["auroc", "lo"] <= ci.loc["auroc", "value"] <= ci.loc["auroc", "hi"]
+    for png in ("roc.png", "calibration.png"):
+        assert (tmp_path / "eval" / png).stat().st_size > 0
+    # a checkpoint of another model is a clear error, not a silent re-initialisation
+    other = tmp_path / "other"
+    _train(cohort, other, "model=meanpool", "trainer.max_epochs=1")
+    bad = OmegaConf.merge(cfg, {"ckpt_path": str(next((other / "checkpoints").glob("best_*.ckpt"))), "output_dir": str(tmp_path / "e2")})
+    with pytest.raises(Her2labError, match="does not fit the run's model"):
+        evaluate(bad)
+
+
+@pytest.mark.slow
+def test_eval_py_command_line(cohort, tmp_path):
+    run = tmp_path / "run"
+    _train(cohort, run, "trainer.max_epochs=1")
+    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={run}", "split=val", "n_boot=50"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = next((run / "eval").glob("val-*"))
+    m = json.loads((out / "metrics.json").read_text())
+    assert "val/auroc" in m and (out / "predictions.csv").exists() and (out / "metrics_ci.csv").exists()
+    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={tmp_path / 'nope'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "not a training run folder" in res.stderr.strip().splitlines()[-1]

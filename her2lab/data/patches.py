@@ -142,6 +142,9 @@ class PatchDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
+    def _eval(self, name: str) -> DataLoader:
+        return self._loader(name, shuffle=False)
+
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 

@@ -153,9 +153,9 @@ def build_datamodule(cfg: DictConfig, run_dir: Path) -> pl.LightningDataModule:
     raise Her2labError(f"data.kind={kind!r} is not known; use bags, patches, patch_folder or thumbnail")
 
 
-def write_predictions(module, dm, cfg: DictConfig, path: Path) -> None:
-    """One row per test slide: slide_id, label, per-class probabilities, fold."""
-    ds = dm.datasets["test" if "test" in dm.datasets else "val"]
+def write_predictions(module, dm, cfg: DictConfig, path: Path, split: str | None = None) -> None:
+    """One row per tested slide: slide_id, label, per-class probabilities, fold."""
+    ds = dm.datasets[split or ("test" if "test" in dm.datasets else "val")]
     classes = list(cfg.labels.classes)
     rows = []
     for o in sorted(module.test_outputs, key=lambda o: o["index"]):
@@ -279,6 +279,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         with atomic_path(run_dir / "config.yaml") as tmp:
             tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     dm = build_datamodule(cfg, run_dir)
+    if zero:  # again, now that the data have said what they are (e.g. the feature size)
+        with atomic_path(run_dir / "config.yaml") as tmp:
+            tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     module = _instantiate(cfg.model)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = _instantiate_loggers(cfg)
