@@ -90,6 +90,14 @@ def evaluate(cfg: DictConfig) -> float | None:
     ci = patient_bootstrap(preds, n=int(cfg.n_boot), seed=int(cfg.seed))
     with atomic_path(out / "metrics_ci.csv") as tmp:
         ci.to_csv(tmp, index=False)
+    hm = cfg.get("heatmaps") or {}
+    if rcfg.data.kind == "bags" and hm.get("enabled", True):
+        loc = attention_maps(module, dm.datasets[split], rcfg, out / "heatmaps", limit=hm.get("limit"),
+                             top_k=int(hm.get("top_k", 8)), chunk=int(hm.get("chunk", 8192)))
+        if loc is not None:
+            for k in ("attention", "tile_score"):
+                if loc[f"{k}_auroc"].notna().any():
+                    metrics[f"{split}/{k}_localisation_auroc"] = float(loc[f"{k}_auroc"].mean())
     with atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     for r in ci.itertuples():
@@ -105,3 +113,48 @@ def _same_splits(ran: Path, now: Path) -> None:
     b = pd.read_csv(now, dtype=str).sort_values("slide_id").reset_index(drop=True)
     if not a[["slide_id", "split"]].equals(b[["slide_id", "split"]]):
         raise Her2labError(f"the cohort's splits differ from the run's ({ran}): has the manifest changed since training?")
+
+
+def attention_maps(module, dataset, rcfg: DictConfig, out: Path, limit: int | None = 16, top_k: int = 8,
+                   chunk: int = 8192) -> pd.DataFrame | None:
+    """Heatmaps, tile montage and GeoJSON per slide; with ground-truth positive masks (the demo),
+    ``localisation.csv``: per slide with some positive tissue, the AUROC of attention and of the
+    tile score for tiles inside the positive region."""
+    import cv2
+
+    from her2lab.explain.heatmaps import (
+        bag_attention,
+        geojson,
+        heatmap_png,
+        localisation_auroc,
+        montage_png,
+    )
+    from her2lab.run.prepare import settings_from_config
+    from her2lab.slides.tiling import TilingParams
+
+    out.mkdir(parents=True, exist_ok=True)
+    prep = settings_from_config(rcfg, TilingParams(**OmegaConf.to_container(rcfg.tiling, resolve=True)))
+    masks = Path(str(rcfg.cohort.get("root") or "")) / "masks" if rcfg.cohort.get("synthetic") else None
+    mask_mpp = float((rcfg.cohort.get("synthetic") or {}).get("mask_mpp", 8.0))
+    classes = [str(c) for c in rcfg.labels.classes]
+    rows = []
+    for rec in dataset.records[:limit]:
+        att = bag_attention(module.net, rec.features_path, module.probs, chunk=chunk)
+        thumb = cv2.cvtColor(cv2.imread(str(prep.thumb_path(rec.slide_id))), cv2.COLOR_BGR2RGB)
+        title = f"{rec.slide_id}: label {classes[rec.label]}, predicted {classes[int(att.probs.argmax())]} ({att.probs.max():.2f})"
+        heatmap_png(att, thumb, prep.thumb_mpp, out / f"{rec.slide_id}_heatmap.png", title, classes)
+        montage_png(att, out / f"{rec.slide_id}_tiles.png", k=top_k)
+        geojson(att, out / f"{rec.slide_id}.geojson")
+        mask_file = masks / f"{rec.slide_id}_positive.png" if masks else None
+        if mask_file is not None and mask_file.exists():
+            mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE)
+            rows.append({"slide_id": rec.slide_id, "label": classes[rec.label], "n_tiles": len(att.attention),
+                         "attention_auroc": localisation_auroc(att, mask, mask_mpp),
+                         "tile_score_auroc": localisation_auroc(att, mask, mask_mpp, att.tile_score)})
+    log.info("attention maps of %d slide(s) → %s", min(len(dataset.records), limit or 10**9), out)
+    if not rows:
+        return None
+    loc = pd.DataFrame(rows)
+    with atomic_path(out / "localisation.csv") as tmp:
+        loc.to_csv(tmp, index=False)
+    return loc

@@ -1,0 +1,188 @@
+"""MIL attention maps: heatmaps over the thumbnail, most/least attended tiles, QuPath GeoJSON, and
+(where a ground-truth mask exists, as for the demo) how well they find positive tissue.
+
+Two maps per slide: attention (which tiles the pooling weighs — evidence for *a* decision, not
+necessarily for positivity), and the tile score: the slide classifier applied to each tile's
+embedding alone, as the expected class index (where the model sees which HER2 class).
+
+Attention is computed from the features file in chunks (``chunk`` tiles at a time: projection and
+attention logits per chunk, one softmax over the N scalars, the pooled embedding accumulated
+chunk by chunk), so memory stays bounded for slides of any number of tiles; the result equals the
+model's forward pass on the whole bag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from her2lab.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlideAttention:
+    slide_id: str
+    coords: np.ndarray  # (N, 2) level-0 x, y of each tile's top-left corner
+    attention: np.ndarray  # (N,) summing to 1
+    probs: np.ndarray  # (C,) slide prediction
+    tile_score: np.ndarray  # (N,) expected class index of the classifier applied to each tile alone
+    patch_px_level0: int
+    level0_mpp: float
+    slide_path: str
+
+    def percentile(self) -> np.ndarray:
+        """Each tile's attention rank in [0, 1] (1 = most attended)."""
+        n = len(self.attention)
+        r = np.empty(n)
+        r[np.argsort(self.attention, kind="stable")] = np.arange(n)
+        return r / max(n - 1, 1)
+
+
+@torch.no_grad()
+def bag_attention(net: nn.Module, features_path: str | Path, probs_of, chunk: int = 8192) -> SlideAttention:
+    """Attention of every tile of one slide, read and scored ``chunk`` tiles at a time."""
+    net.eval()
+    dev = next(net.parameters()).device
+    with h5py.File(features_path, "r") as f:
+        n = len(f["features"])
+        coords = f["coords"][:]
+        attrs = dict(f.attrs)
+        scores, tile = [], []
+        for s in range(0, n, chunk):
+            h = net.project(torch.as_tensor(f["features"][s : s + chunk], dtype=torch.float32, device=dev))
+            p = probs_of(net.classifier(h).float())
+            tile.append(p @ torch.arange(p.shape[1], dtype=p.dtype, device=dev))
+            if hasattr(net, "attention_logits"):
+                scores.append(net.attention_logits(h[None])[0])
+        if scores:
+            a = torch.softmax(torch.cat(scores), 0)
+            z = 0
+            for s in range(0, n, chunk):
+                h = net.project(torch.as_tensor(f["features"][s : s + chunk], dtype=torch.float32, device=dev))
+                z = z + a[s : s + chunk] @ h
+            logits = net.classifier(z[None])
+        else:  # pooling baselines: their weights, from the whole bag
+            logits, w = net(torch.as_tensor(f["features"][:], dtype=torch.float32, device=dev)[None])
+            a = w[0]
+    return SlideAttention(
+        slide_id=str(attrs.get("slide_id", Path(features_path).stem)), coords=coords.astype(np.int64),
+        attention=a.cpu().numpy().astype(np.float64), probs=probs_of(logits.float())[0].cpu().numpy(),
+        tile_score=torch.cat(tile).cpu().numpy().astype(np.float64),
+        patch_px_level0=int(attrs.get("patch_px_level0", 0)), level0_mpp=float(attrs.get("level0_mpp", 0.0)),
+        slide_path=str(attrs.get("slide_path", "")),
+    )
+
+
+def heatmap_png(att: SlideAttention, thumb: np.ndarray, thumb_mpp: float, path: Path, title: str = "",
+                class_names: list[str] | None = None) -> Path:
+    """The thumbnail; every tile coloured by its attention percentile; and by its own score (the
+    slide classifier applied to the tile alone: where the model sees which HER2 class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = att.level0_mpp / thumb_mpp
+    p = max(1, round(att.patch_px_level0 * s))
+    xy = np.round(att.coords * s).astype(int)
+
+    def paint(values: np.ndarray) -> np.ndarray:
+        heat = np.full(thumb.shape[:2], np.nan)
+        for (x, y), v in zip(xy, values, strict=True):
+            heat[max(y, 0) : y + p, max(x, 0) : x + p] = v
+        return np.ma.masked_invalid(heat)
+
+    k = len(att.probs)
+    h, w = thumb.shape[:2]
+    fig, axes = plt.subplots(1, 3, figsize=(3 * 3.6 * w / max(h, w) + 2.0, 3.6 * h / max(h, w) + 0.8), dpi=120)
+    axes[0].imshow(thumb)
+    axes[0].set_title("slide", fontsize=9)
+    axes[1].imshow(thumb)
+    im = axes[1].imshow(paint(att.percentile()), cmap="inferno", vmin=0, vmax=1, alpha=0.65)
+    axes[1].set_title("attention", fontsize=9)
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02, label="attention percentile")
+    axes[2].imshow(thumb)
+    im = axes[2].imshow(paint(att.tile_score), cmap="coolwarm", vmin=0, vmax=k - 1, alpha=0.65)
+    axes[2].set_title("tile score", fontsize=9)
+    cb = fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.02, ticks=range(k))
+    cb.ax.set_yticklabels(class_names or [str(i) for i in range(k)])
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def montage_png(att: SlideAttention, path: Path, k: int = 8, px: int = 96, mpp: float | None = None) -> Path:
+    """Two rows: the ``k`` most attended tiles, then the ``k`` least attended, read from the slide."""
+    from her2lab.slides.reader import Slide
+
+    order = np.argsort(-att.attention, kind="stable")
+    k = min(k, len(order))
+    rows = []
+    with Slide(att.slide_path, mpp_override=mpp) as slide:
+        for idx in (order[:k], order[::-1][:k]):
+            tiles = []
+            for i in idx:
+                x, y = (int(v) for v in att.coords[i])
+                tile = slide.read_region((x, y), 0, (att.patch_px_level0, att.patch_px_level0))
+                tiles.append(cv2.resize(tile, (px, px), interpolation=cv2.INTER_AREA))
+            tiles += [np.full((px, px, 3), 255, np.uint8)] * (k - len(tiles))
+            rows.append(np.concatenate(tiles, axis=1))
+    gap = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
+    from her2lab.slides.thumbnails import save_png
+
+    save_png(path, np.concatenate([rows[0], gap, rows[1]], axis=0))
+    return Path(path)
+
+
+def geojson(att: SlideAttention, path: Path) -> Path:
+    """Tiles as QuPath-readable GeoJSON (level-0 pixel polygons) with attention measurements."""
+    p = att.patch_px_level0
+    pct = att.percentile()
+    feats = []
+    for i, ((x, y), a) in enumerate(zip(att.coords.tolist(), att.attention.tolist(), strict=True)):
+        feats.append({
+            "type": "Feature", "id": f"tile-{i}",
+            "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + p, y], [x + p, y + p], [x, y + p], [x, y]]]},
+            "properties": {"objectType": "tile", "name": f"tile {i}",
+                           "measurements": {"attention": a, "attention_percentile": float(pct[i]),
+                                            "tile_score": float(att.tile_score[i])}},
+        })
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return Path(path)
+
+
+def read_geojson(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Tile top-left corners (N, 2) and attention (N,) back from :func:`geojson`'s file."""
+    feats = json.loads(Path(path).read_text())["features"]
+    coords = np.array([f["geometry"]["coordinates"][0][0] for f in feats], dtype=np.int64).reshape(-1, 2)
+    return coords, np.array([f["properties"]["measurements"]["attention"] for f in feats])
+
+
+def localisation_auroc(att: SlideAttention, mask: np.ndarray, mask_mpp: float, values: np.ndarray | None = None) -> float:
+    """AUROC of ``values`` (default: attention) for 'the tile's centre lies in the mask' (NaN if
+    all or none do)."""
+    from sklearn.metrics import roc_auc_score
+
+    c = (att.coords + att.patch_px_level0 / 2) * att.level0_mpp / mask_mpp
+    xs = np.clip(c[:, 0].astype(int), 0, mask.shape[1] - 1)
+    ys = np.clip(c[:, 1].astype(int), 0, mask.shape[0] - 1)
+    inside = mask[ys, xs] > 0
+    if inside.all() or not inside.any():
+        return float("nan")
+    return float(roc_auc_score(inside, att.attention if values is None else values))
