@@ -88,7 +88,8 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in ("test/auroc", "test/f1", "val/auroc_best", "train/loss", "backbone", "optimized_metric"):
         assert key.encode() in data, key
-    assert b"test/confusion_matrix" in data  # the confusion-matrix chart
+    for key in (b"test/confusion_matrix", b"test/roc", b"test/predictions"):  # charts and the per-slide table
+        assert key in data, key
     assert b"wandb" in data and b"test" in data  # the tags
     assert metrics["test/auroc"] >= 0
 

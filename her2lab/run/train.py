@@ -236,18 +236,24 @@ def _instantiate_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
-def _log_confusion(loggers: list, module, class_names: list[str]) -> None:
-    """Test confusion matrix as a W&B chart (the PNG is in the run folder for everyone else)."""
-    outs = getattr(module, "test_outputs", None)
-    if not outs:
+def _log_wandb_test(loggers: list, module, class_names: list[str], predictions: Path) -> None:
+    """Test results as W&B charts and a table: confusion matrix, ROC curves, one row per slide."""
+    outs = sorted(getattr(module, "test_outputs", None) or [], key=lambda o: o["index"])
+    wb = [lg for lg in loggers if lg.__class__.__name__ == "WandbLogger"]
+    if not outs or not wb:
         return
-    y = [o["label"] for o in sorted(outs, key=lambda o: o["index"])]
-    pred = [max(range(len(o["probs"])), key=o["probs"].__getitem__) for o in sorted(outs, key=lambda o: o["index"])]
-    for lg in loggers:
-        if lg.__class__.__name__ == "WandbLogger":
-            import wandb
+    import wandb
 
-            lg.experiment.log({"test/confusion_matrix": wandb.plot.confusion_matrix(y_true=y, preds=pred, class_names=class_names)})
+    y = [o["label"] for o in outs]
+    probs = [o["probs"] for o in outs]
+    pred = [max(range(len(p)), key=p.__getitem__) for p in probs]
+    table = wandb.Table(dataframe=pd.read_csv(predictions)) if predictions.exists() else None
+    for lg in wb:
+        logs = {"test/confusion_matrix": wandb.plot.confusion_matrix(y_true=y, preds=pred, class_names=class_names),
+                "test/roc": wandb.plot.roc_curve(y, probs, labels=class_names)}
+        if table is not None:
+            logs["test/predictions"] = table
+        lg.experiment.log(logs)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -315,7 +321,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
 
                 confusion_png(metrics["test/confusion_matrix"], classes, run_dir / "confusion_matrix.png",
                               title=f"{cfg.task_name} fold {cfg.fold} (test)")
-                _log_confusion(loggers, module, classes)
+                _log_wandb_test(loggers, module, classes, run_dir / "predictions.csv")
             gc = cfg.get("gradcam") or {}
             if cfg.data.kind == "thumbnail" and gc.get("enabled", True) and module.test_outputs:
                 from her2lab.explain.gradcam import save_gradcam
