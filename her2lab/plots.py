@@ -54,21 +54,35 @@ def _save(plt, fig, path: Path) -> Path:
     return Path(path)
 
 
-def roc_png(y: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path, title: str = "") -> Path:
-    """One-vs-rest ROC curve per class (classes absent from ``y`` are skipped)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+def curves_png(y: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path, title: str = "") -> Path:
+    """One-vs-rest ROC and precision-recall curves per class (classes absent from ``y`` skipped)."""
+    import matplotlib
 
-    plt, fig, ax = _figure((4.6, 4.2))
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import (
+        average_precision_score,
+        precision_recall_curve,
+        roc_auc_score,
+        roc_curve,
+    )
+
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(9.2, 4.2), dpi=120)
     for c, name in enumerate(class_names):
         t = y == c
         if 0 < t.sum() < len(t):
             fpr, tpr, _ = roc_curve(t, probs[:, c])
-            ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(t, probs[:, c]):.3f}, n={int(t.sum())})")
-    ax.plot([0, 1], [0, 1], ls=":", c="grey")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title or "ROC, one vs rest", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+            roc.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(t, probs[:, c]):.3f}, n={int(t.sum())})")
+            prec, rec, _ = precision_recall_curve(t, probs[:, c])
+            pr.plot(rec, prec, label=f"{name} (AP {average_precision_score(t, probs[:, c]):.3f}, prevalence {t.mean():.2f})")
+    roc.plot([0, 1], [0, 1], ls=":", c="grey")
+    roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, one vs rest")
+    pr.set(xlabel="recall", ylabel="precision", title="precision-recall, one vs rest", ylim=(0, 1.02))
+    for ax in (roc, pr):
+        ax.legend(fontsize=7, loc="lower right" if ax is roc else "lower left")
+        ax.title.set_fontsize(10)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(plt, fig, path)
 
 

@@ -221,7 +221,7 @@ def test_eval_reproduces_the_run_and_adds_uncertainty(cohort, tmp_path):
     ci = pd.read_csv(tmp_path / "eval" / "metrics_ci.csv").set_index("metric")
     assert ci.loc["auroc", "value"] == pytest.approx(m["test/auroc"], abs=1e-6)
     assert ci.loc["auroc", "lo"] <= ci.loc["auroc", "value"] <= ci.loc["auroc", "hi"]
-    for png in ("roc.png", "calibration.png"):
+    for png in ("curves.png", "calibration.png"):
         assert (tmp_path / "eval" / png).stat().st_size > 0
     # attention maps for every test slide, and their localisation against the generator's truth
     hm = tmp_path / "eval" / "heatmaps"

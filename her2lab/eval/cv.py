@@ -40,6 +40,9 @@ def out_of_fold(run_dirs: list[Path]) -> pd.DataFrame:
         splits = pd.read_csv(run / "splits.csv", dtype={"slide_id": str, "patient_id": str})
         parts.append(preds.merge(splits[["slide_id", "patient_id"]], on="slide_id", how="left"))
     table = pd.concat(parts, ignore_index=True)
+    lost = table.slide_id[table.patient_id.isna()]
+    if len(lost):
+        raise Her2labError(f"slide(s) {', '.join(lost[:5])} of predictions.csv are not in the run's splits.csv")
     dup = table.slide_id[table.slide_id.duplicated()]
     if len(dup):
         raise Her2labError(f"slide(s) {', '.join(dup[:5])} are test predictions of more than one run; pool runs of different folds only")

@@ -4,8 +4,8 @@ Rebuilds the run's data from its own ``config.yaml`` (the same cohort, folds and
 splits are checked against the run's ``splits.csv``), loads the checkpoint (the best one unless
 ``ckpt_path`` says otherwise), tests it, and writes next to each other: ``predictions.csv``,
 ``metrics.json`` (torchmetrics, as in training, plus the expected calibration error),
-``metrics_ci.csv`` (95 % bootstrap intervals resampled by patient), ``roc.png`` and
-``calibration.png``.
+``metrics_ci.csv`` (95 % bootstrap intervals resampled by patient), ``curves.png`` (ROC and
+precision-recall) and ``calibration.png``; for MIL runs, attention maps (``heatmaps/``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _output_dir(cfg: DictConfig) -> Path:
 
 def evaluate(cfg: DictConfig) -> float | None:
     from her2lab.eval.bootstrap import patient_bootstrap
-    from her2lab.plots import reliability_png, roc_png
+    from her2lab.plots import curves_png, reliability_png
     from her2lab.run.train import _instantiate, build_datamodule, write_predictions
 
     run_dir = Path(cfg.run_dir)
@@ -86,7 +86,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     y = preds.label_index.to_numpy()
     probs = preds[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
     metrics[f"{split}/ece"] = reliability_png(y, probs, out / "calibration.png", title=f"{split}: {run_dir.name}")
-    roc_png(y, probs, classes, out / "roc.png", title=f"{split}: {run_dir.name}")
+    curves_png(y, probs, classes, out / "curves.png", title=f"{split}: {run_dir.name}")
     ci = patient_bootstrap(preds, n=int(cfg.n_boot), seed=int(cfg.seed))
     with atomic_path(out / "metrics_ci.csv") as tmp:
         ci.to_csv(tmp, index=False)

@@ -1,0 +1,124 @@
+"""Compare experiments on the same slides: ``compare.md`` / ``compare.csv``.
+
+Each experiment is a run folder or a sweep folder (its finished fold runs pooled: every test
+slide once). The table gives each one's pooled macro AUROC, F1 and accuracy with 95 % patient
+bootstrap intervals; each experiment after the first is compared with the first on the slides
+both predicted: the AUROC difference with its paired bootstrap interval (the same patients
+drawn for both) and a two-sided bootstrap p-value.
+
+    python -m her2lab.compare <reference dir> <other dir> [...] [--out DIR] [--n-boot 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from her2lab.errors import Her2labError
+from her2lab.eval.bootstrap import macro_auroc, patient_bootstrap
+from her2lab.eval.cv import out_of_fold
+from her2lab.io import atomic_path
+
+
+def predictions_of(folder: Path) -> pd.DataFrame:
+    """Test predictions of a run folder, or of a sweep folder's finished runs (with patient ids)."""
+    folder = Path(folder)
+    if (folder / "predictions.csv").exists():
+        return out_of_fold([folder])
+    runs = sorted(p.parent for p in folder.glob("*/predictions.csv"))
+    if not runs:
+        raise Her2labError(f"{folder}: no predictions.csv in it or in its job folders")
+    return out_of_fold(runs)
+
+
+def paired_auroc(a: pd.DataFrame, b: pd.DataFrame, n: int = 2000, seed: int = 0) -> dict:
+    """AUROC(b) − AUROC(a) on their common slides, with a paired patient bootstrap."""
+    common = a.merge(b, on=["slide_id", "patient_id", "label_index"], suffixes=("_a", "_b"))
+    if common.empty:
+        raise Her2labError("the two experiments share no test slide; compare runs on the same cohort and folds")
+    y = common.label_index.to_numpy()
+    pa = common[[c for c in common.columns if c.startswith("p_") and c.endswith("_a")]].to_numpy(float)
+    pb = common[[c for c in common.columns if c.startswith("p_") and c.endswith("_b")]].to_numpy(float)
+    if pa.shape != pb.shape:
+        raise Her2labError("the two experiments predict different classes; compare runs with the same labels")
+    diff = macro_auroc(y, pb) - macro_auroc(y, pa)
+    members = list(common.groupby("patient_id").indices.values())
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n):
+        idx = np.concatenate([members[i] for i in rng.integers(len(members), size=len(members))])
+        d = macro_auroc(y[idx], pb[idx]) - macro_auroc(y[idx], pa[idx])
+        if np.isfinite(d):
+            draws.append(d)
+    draws = np.asarray(draws)
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    p = min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean()))  # two-sided, bootstrap
+    return {"common_slides": len(common), "auroc_diff": diff, "diff_lo": float(lo), "diff_hi": float(hi), "p_value": float(p)}
+
+
+def label_of(folder: Path) -> str:
+    """``task_name (folder)`` from the run's or the sweep's config, else the folder."""
+    for cfg in (folder / "config.yaml", folder / "multirun.yaml"):
+        if cfg.exists():
+            from omegaconf import OmegaConf
+
+            task = OmegaConf.load(cfg).get("task_name")
+            if task:
+                return f"{task} ({folder.name})"
+    return str(folder)
+
+
+def compare(folders: list[Path], n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    if len(folders) < 2:
+        raise Her2labError("give at least two experiments to compare (the first is the reference)")
+    preds = [predictions_of(f) for f in folders]
+    rows = []
+    for i, (folder, p) in enumerate(zip(folders, preds, strict=True)):
+        ci = patient_bootstrap(p, n=n_boot, seed=seed).set_index("metric")
+        row = {"experiment": label_of(Path(folder)), "slides": len(p)}
+        for m in ("auroc", "f1", "acc"):
+            row.update({m: ci.loc[m, "value"], f"{m} lo": ci.loc[m, "lo"], f"{m} hi": ci.loc[m, "hi"]})
+        if i > 0:
+            row.update(paired_auroc(preds[0], p, n=n_boot, seed=seed))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = ["| experiment | slides | AUROC [95% CI] | F1 [95% CI] | accuracy [95% CI] | ΔAUROC vs first [95% CI] | p |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for i, r in table.iterrows():
+        cells = [f"{r[m]:.3f} [{r[f'{m} lo']:.3f}, {r[f'{m} hi']:.3f}]" for m in ("auroc", "f1", "acc")]
+        if i == 0:
+            delta, p = "(reference)", ""
+        else:
+            delta = f"{r.auroc_diff:+.3f} [{r.diff_lo:+.3f}, {r.diff_hi:+.3f}] on {int(r.common_slides)} slides"
+            p = f"{r.p_value:.3f}"
+        lines.append(f"| `{r.experiment}` | {int(r.slides)} | {' | '.join(cells)} | {delta} | {p} |")
+    lines += ["", "Intervals: percentile bootstrap resampling patients; Δ: paired, the same patients drawn for both."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from her2lab.run.entry import one_line_errors
+
+    ap = argparse.ArgumentParser(prog="python -m her2lab.compare", description="Compare experiments on the same slides")
+    ap.add_argument("folders", type=Path, nargs="+", help="run or sweep folders; the first is the reference")
+    ap.add_argument("--out", type=Path, default=Path("."), help="where compare.md and compare.csv go")
+    ap.add_argument("--n-boot", type=int, default=2000)
+    a = ap.parse_args(argv)
+
+    @one_line_errors
+    def run() -> None:
+        table = compare(a.folders, n_boot=a.n_boot)
+        a.out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(a.out / "compare.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        with atomic_path(a.out / "compare.md") as tmp:
+            tmp.write_text(markdown(table))
+        print(markdown(table))
+
+    run()
