@@ -48,6 +48,14 @@ def _slide_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     }
 
 
+def patient_resamples(patient_ids, n: int, seed: int = 0):
+    """``n`` index arrays, each the rows of as many patients as there are, drawn with replacement."""
+    members = list(pd.Series(np.asarray(patient_ids)).groupby(np.asarray(patient_ids)).indices.values())
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield np.concatenate([members[i] for i in rng.integers(len(members), size=len(members))])
+
+
 def patient_bootstrap(
     table: pd.DataFrame,
     metric: Callable[[np.ndarray, np.ndarray], dict[str, float]] = slide_metrics,
@@ -64,12 +72,8 @@ def patient_bootstrap(
     y = table["label_index"].to_numpy()
     p = table[probs_cols].to_numpy(dtype=float)
     point = metric(y, p)
-    groups = table.groupby("patient_id").indices
-    members = list(groups.values())
-    rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {k: [] for k in point}
-    for _ in range(n):
-        idx = np.concatenate([members[i] for i in rng.integers(len(members), size=len(members))])
+    for idx in patient_resamples(table["patient_id"].to_numpy(), n, seed):
         for k, v in metric(y[idx], p[idx]).items():
             draws[k].append(v)
     rows = []

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from her2lab.errors import Her2labError
-from her2lab.eval.bootstrap import macro_auroc, patient_bootstrap
+from her2lab.eval.bootstrap import macro_auroc, patient_bootstrap, patient_resamples
 from her2lab.eval.cv import out_of_fold
 from her2lab.io import atomic_path
 
@@ -45,11 +45,8 @@ def paired_auroc(a: pd.DataFrame, b: pd.DataFrame, n: int = 2000, seed: int = 0)
     if pa.shape != pb.shape:
         raise Her2labError("the two experiments predict different classes; compare runs with the same labels")
     diff = macro_auroc(y, pb) - macro_auroc(y, pa)
-    members = list(common.groupby("patient_id").indices.values())
-    rng = np.random.default_rng(seed)
     draws = []
-    for _ in range(n):
-        idx = np.concatenate([members[i] for i in rng.integers(len(members), size=len(members))])
+    for idx in patient_resamples(common.patient_id.to_numpy(), n, seed):
         d = macro_auroc(y[idx], pb[idx]) - macro_auroc(y[idx], pa[idx])
         if np.isfinite(d):
             draws.append(d)
