@@ -51,10 +51,15 @@ def read_tissue_mask(tiles_path: str) -> tuple[np.ndarray, float]:
 
 def tissue_box(tiles_path: str, thumb_mpp: float, thumb_shape: tuple[int, int], margin_um: float) -> tuple[int, int, int, int]:
     """Tissue bounding box ``(x0, y0, x1, y1)`` in thumbnail pixels, with a margin, clipped."""
-    mask, mask_mpp = read_tissue_mask(tiles_path)
+    return mask_box(*read_tissue_mask(tiles_path), tiles_path, thumb_mpp, thumb_shape, margin_um)
+
+
+def mask_box(mask: np.ndarray, mask_mpp: float, where: str, thumb_mpp: float, thumb_shape: tuple[int, int],
+             margin_um: float) -> tuple[int, int, int, int]:
+    """:func:`tissue_box` of a mask already read (``where`` names its file in errors)."""
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
-        raise Her2labError(f"{tiles_path}: empty tissue mask; re-run the prepare step")
+        raise Her2labError(f"{where}: empty tissue mask; re-run the prepare step")
     s = mask_mpp / thumb_mpp  # mask px → thumbnail px
     m = margin_um / thumb_mpp
     h, w = thumb_shape
@@ -133,13 +138,13 @@ class ThumbnailDataset(Dataset):
         if img is None:
             raise Her2labError(f"{r.thumb_path}: thumbnail missing or unreadable; re-run the prepare step")
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        mask, mask_mpp = read_tissue_mask(r.tiles_path)  # read once: the box and the glass come from it
         if self.mask_background:  # glass, pen, dust and edges become plain glass: nothing to learn there
-            mask, _ = read_tissue_mask(r.tiles_path)
-            mask = cv2.resize(mask.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
+            m = cv2.resize(mask.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
             # near-black (and its blended rim): slide edges, not tissue
             dark = cv2.dilate((img.max(-1) < DARK).astype(np.uint8), np.ones((5, 5), np.uint8))
-            img[(mask == 0) | (dark > 0)] = BACKGROUND
-        x0, y0, x1, y1 = tissue_box(r.tiles_path, thumb_mpp, img.shape[:2], margin_um)
+            img[(m == 0) | (dark > 0)] = BACKGROUND
+        x0, y0, x1, y1 = mask_box(mask, mask_mpp, r.tiles_path, thumb_mpp, img.shape[:2], margin_um)
         if max(x1 - x0, y1 - y0) < MIN_TISSUE_PX:
             raise Her2labError(
                 f"{r.slide_id}: its tissue spans only {max(x1 - x0, y1 - y0)} px at {thumb_mpp:g} µm/px; "

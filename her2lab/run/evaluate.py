@@ -36,7 +36,7 @@ def _output_dir(cfg: DictConfig) -> Path:
 def evaluate(cfg: DictConfig) -> float | None:
     from her2lab.eval.bootstrap import patient_bootstrap
     from her2lab.plots import curves_png, reliability_png
-    from her2lab.run.train import _instantiate, build_datamodule, write_predictions
+    from her2lab.run.train import build, build_datamodule, write_predictions
 
     run_dir = Path(cfg.run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -66,7 +66,7 @@ def evaluate(cfg: DictConfig) -> float | None:
         raise Her2labError(f"split={split}: evaluate on val or test (training items are sub-sampled)")
     if split not in dm.datasets:
         raise Her2labError(f"split={split}: the run has splits {sorted(dm.datasets)}")
-    module = _instantiate(rcfg.model)
+    module = build(rcfg.model)
     state = torch.load(ckpt, map_location="cpu", weights_only=False).get("state_dict", {})
     try:
         module.load_state_dict(state)

@@ -138,18 +138,18 @@ def build_datamodule(cfg: DictConfig, run_dir: Path) -> pl.LightningDataModule:
 
             with open_dict(cfg):
                 cfg.backbone.embed_dim = int(read_features(splits["train"][0].features_path)[0].shape[1])
-        return _instantiate(cfg.data.module, splits=splits, embed_dim=cfg.backbone.embed_dim)
+        return build(cfg.data.module, splits=splits, embed_dim=cfg.backbone.embed_dim)
     if kind == "patches":
         tiling = TilingParams(target_mpp=bb.target_mpp, patch_px=bb.input_px, min_tissue=cfg.data.min_tissue)
         splits = prepared_splits(cfg, run_dir, tiling)
-        return _instantiate(cfg.data.module, splits=splits, mean=list(bb.mean), std=list(bb.std))
+        return build(cfg.data.module, splits=splits, mean=list(bb.mean), std=list(bb.std))
     if kind == "patch_folder":
-        return _instantiate(
+        return build(
             cfg.data.module, input_px=bb.input_px, mean=list(bb.mean), std=list(bb.std), num_classes=cfg.labels.num_classes
         )
     if kind == "thumbnail":
         splits = thumbnail_splits(cfg, run_dir)
-        return _instantiate(cfg.data.module, splits=splits, thumb_mpp=float(cfg.data.thumb_mpp))
+        return build(cfg.data.module, splits=splits, thumb_mpp=float(cfg.data.thumb_mpp))
     raise Her2labError(f"data.kind={kind!r} is not known; use bags, patches, patch_folder or thumbnail")
 
 
@@ -190,7 +190,7 @@ def ensure_encoder(cfg: DictConfig, run_dir: Path) -> None:
         raise Her2labError(f"experiment={exp} did not produce {w}; run it on its own to see why")
 
 
-def _instantiate(node: DictConfig, **kwargs):
+def build(node: DictConfig, **kwargs):
     """``hydra.utils.instantiate`` that lets our one-line errors through unwrapped."""
     from her2lab.run.entry import her2lab_cause
 
@@ -231,7 +231,7 @@ def _instantiate_loggers(cfg: DictConfig) -> list:
             continue
         if "WandbLogger" in str(c.get("_target_", "")) and not c.get("group"):
             c = OmegaConf.merge(c, {"group": _sweep_group(cfg)})
-        lg = instantiate(c)
+        lg = build(c)
         loggers.append(lg)
     return loggers
 
@@ -288,10 +288,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     if zero:  # again, now that the data have said what they are (e.g. the feature size)
         with atomic_path(run_dir / "config.yaml") as tmp:
             tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    module = _instantiate(cfg.model)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    module = build(cfg.model)
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = _instantiate_loggers(cfg)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
+    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
     try:
         hparams = OmegaConf.to_container(cfg, resolve=True)
         for lg in loggers:
