@@ -1,10 +1,12 @@
-"""``python eval.py run_dir=<run> [split=test] [ckpt_path=…]``: re-test a trained model."""
+"""``python eval.py run_dir=<run> [split=test|val] [cohort=<new cohort>] [ckpt_path=…]``: test a trained model."""
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from her2lab.run.entry import one_line_errors
-from her2lab.run.evaluate import evaluate
+from her2lab.run.evaluate import eval_dir_name, evaluate
+
+OmegaConf.register_new_resolver("her2lab.eval_dir", eval_dir_name, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

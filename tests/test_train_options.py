@@ -240,6 +240,69 @@ def test_eval_reproduces_the_run_and_adds_uncertainty(cohort, tmp_path):
         evaluate(bad)
 
 
+def _eval_cfg(run: Path, out: Path, *overrides: str):
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", [f"run_dir={run}", "n_boot=50", *overrides])
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return cfg
+
+
+def test_eval_on_a_new_cohort_with_wandb(cohort, tmp_path, monkeypatch):
+    """External validation: every slide of another cohort, embedded with the run's own encoder;
+    the evaluation lands in W&B (offline) next to the run; leaks and mismatches are refused."""
+    from her2lab.run.evaluate import evaluate
+    from her2lab.run.extract import run_extract
+
+    run = tmp_path / "sweep7" / "0"  # a job of a multirun: its eval joins the sweep's W&B group
+    _train(cohort, run, "trainer.max_epochs=3")
+    (run.parent / "multirun.yaml").write_text("hydra: {}\n")
+    ext = ["cohort=demo_external", "cohort.synthetic.n_slides=6"]
+    out = tmp_path / "ext"
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    evaluate(_eval_cfg(run, out, *ext, "wandb.enabled=true", "heatmaps.limit=2"))
+    preds = pd.read_csv(out / "predictions.csv")
+    manifest = pd.read_csv(cohort / "data" / "demo_external" / "manifest.csv")
+    assert sorted(preds.slide_id) == sorted(manifest.slide_id) and len(preds) == 6  # the whole new cohort
+    assert set(pd.read_csv(out / "splits.csv").split) == {"test"}
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["split"] == "external" and m["cohort"] == "demo_external" and m["external/slides"] == 6
+    assert 0 <= m["external/auroc"] <= 1 and "external/ece" in m and "external/attention_localisation_auroc" in m
+    assert json.loads((out / "features.json").read_text())["folder"].startswith(str(cohort / "data" / "demo_external"))
+    for f in ("curves.png", "calibration.png", "confusion_matrix.png", "metrics_ci.csv"):
+        assert (out / f).stat().st_size > 0, f
+    assert len(list((out / "heatmaps").glob("*_heatmap.png"))) == 2
+    wb = list(out.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(wb) == 1  # one offline eval run, ready for `wandb sync`
+    data = wb[0].read_bytes()
+    for key in (b"external/auroc", b"external/confusion_matrix", b"external/roc", b"external/pr", b"external/predictions",
+                b"external/metrics_ci", b"external/heatmaps", b"external/curves_png", b"demo_external"):
+        assert key in data, key
+    assert b"eval" in data and b"train-sweep7" in data  # job type, and the training sweep's group
+    # bad input: the run's own cohort, another stain, a subset split, features of another encoder, seen slides
+    with pytest.raises(Her2labError, match="the run's own cohort"):
+        evaluate(_eval_cfg(run, tmp_path / "e1", "cohort=demo"))
+    with pytest.raises(Her2labError, match="trained on hne slides but cohort demo_ihc is ihc"):
+        evaluate(_eval_cfg(run, tmp_path / "e2", "cohort=demo_ihc"))
+    with pytest.raises(Her2labError, match="evaluated whole"):
+        evaluate(_eval_cfg(run, tmp_path / "e3", *ext, "split=val"))
+    torch.manual_seed(1)
+    torch.save(create_model(BackboneSpec(name="resnet18", pretrained=False)).state_dict(), tmp_path / "other.pt")
+    report = run_extract(_compose(cohort, tmp_path / "x", *ext, f"backbone.weights={tmp_path / 'other.pt'}", "backbone.preset=r18b"))
+    assert (report.status == "done").sum() == 6
+    other = next((cohort / "data" / "demo_external" / "features").glob("*/r18b"))
+    with pytest.raises(Her2labError, match="made differently.*encoder_weights_sha256"):
+        evaluate(_eval_cfg(run, tmp_path / "e4", *ext, f"features_dir={other}"))
+    seen = pd.read_csv(cohort / "data" / "demo" / "manifest.csv")
+    seen["path"] = [str(cohort / "data" / "demo" / p) for p in seen.path]
+    seen.to_csv(tmp_path / "seen.csv", index=False)
+    with pytest.raises(Her2labError, match="slide\\(s\\) the run trained or validated on"):
+        evaluate(_eval_cfg(run, tmp_path / "e5", "cohort=custom", f"cohort.manifest={tmp_path / 'seen.csv'}"))
+
+
 @pytest.mark.slow
 def test_eval_py_command_line(cohort, tmp_path):
     run = tmp_path / "run"
@@ -250,6 +313,12 @@ def test_eval_py_command_line(cohort, tmp_path):
     out = next((run / "eval").glob("val-*"))
     m = json.loads((out / "metrics.json").read_text())
     assert "val/auroc" in m and (out / "predictions.csv").exists() and (out / "metrics_ci.csv").exists()
+    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={run}", "cohort=demo_external",
+                          "cohort.synthetic.n_slides=6", "n_boot=20", "heatmaps.enabled=false"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = next((run / "eval").glob("external-demo_external-*"))
+    assert len(pd.read_csv(out / "predictions.csv")) == 6 and "external/auroc" in json.loads((out / "metrics.json").read_text())
     res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={tmp_path / 'nope'}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and "not a training run folder" in res.stderr.strip().splitlines()[-1]

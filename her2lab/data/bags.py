@@ -50,6 +50,22 @@ def read_features(path: str | Path, expect_dim: int | None = None) -> tuple[np.n
     return feats.astype(np.float32), coords
 
 
+IDENTITY_ATTRS = ("encoder", "encoder_source", "encoder_weights_sha256", "input_px", "target_mpp", "patch_px")
+
+
+def features_identity(path: str | Path) -> dict:
+    """What made a features file: the encoder and its weights, the tile geometry (her2lab files),
+    and the feature size (any file). Two cohorts fit one model only if these agree."""
+    try:
+        with h5py.File(path, "r") as f:
+            ident = {k: f.attrs[k] for k in IDENTITY_ATTRS if k in f.attrs}
+            ident["dim"] = int(f["features"].shape[-1])
+    except (OSError, KeyError) as exc:
+        raise Her2labError(f"{path}: not a features file ({type(exc).__name__}); re-run extraction") from None
+    return {k: v.item() if isinstance(v, np.generic) else str(v) if isinstance(v, bytes | np.ndarray) else v
+            for k, v in ident.items()}
+
+
 class BagDataset(Dataset):
     """item → (features (n, D) float32 tensor, label, index)."""
 

@@ -72,6 +72,7 @@ class SyntheticConfig:
     signal: float = 1.0  # multiplies the HER2 cue; 0 makes the classes indistinguishable
     nuisances: bool = True
     scores: tuple[str, ...] = field(default=SCORES)
+    id_prefix: str = ""  # slide and patient ids start with it (tells cohorts of other seeds apart)
 
     def __post_init__(self) -> None:
         if self.stain not in ("hne", "ihc"):
@@ -115,8 +116,8 @@ def cohort_table(cfg: SyntheticConfig) -> pd.DataFrame:
         for _ in range(2 if p < cfg.n_pairs else 1):
             rows.append(
                 {
-                    "slide_id": f"case{case:03d}_{cfg.stain}",
-                    "patient_id": f"P{p:03d}",
+                    "slide_id": f"{cfg.id_prefix}case{case:03d}_{cfg.stain}",
+                    "patient_id": f"{cfg.id_prefix}P{p:03d}",
                     "case": case,
                     "her2_score": labels[p],
                     "ish": ish[p],

@@ -35,7 +35,8 @@ def _output_dir(cfg: DictConfig) -> Path:
 
 def evaluate(cfg: DictConfig) -> float | None:
     from her2lab.eval.bootstrap import patient_bootstrap
-    from her2lab.plots import curves_png, reliability_png
+    from her2lab.plots import confusion_png, curves_png, reliability_png
+    from her2lab.run.cohort import resolve_cohort
     from her2lab.run.train import build, build_datamodule, write_predictions
 
     run_dir = Path(cfg.run_dir)
@@ -49,23 +50,28 @@ def evaluate(cfg: DictConfig) -> float | None:
             raise Her2labError(f"{run_dir}: no best checkpoint recorded (unfinished run?); give ckpt_path=…")
     if not Path(ckpt).is_file():
         raise Her2labError(f"ckpt_path={ckpt}: no such checkpoint")
-    out = ensure_writable_dir(_output_dir(cfg), "evaluation folder")
     rcfg = OmegaConf.load(run_dir / "config.yaml")
+    split = eval_split(cfg)
+    external = split == "external"
+    ran_cohort = _use_new_cohort(cfg, rcfg) if external else None
+    out = ensure_writable_dir(_output_dir(cfg), "evaluation folder")
     with open_dict(rcfg):
         rcfg.paths.output_dir = str(out)
         rcfg.auto_pretrain = False
+    if external:  # before any slide work: the new cohort must be new to the model
+        _not_seen_in_training(run_dir, ran_cohort, rcfg.cohort, resolve_cohort(rcfg.cohort, int(rcfg.get("num_workers", 1))))
     pl.seed_everything(int(rcfg.seed), workers=True)
     dm = build_datamodule(rcfg, out)
     net = rcfg.model.get("net") or {}
     if "in_dim" in net and net.in_dim is None:  # runs whose config was saved before the features were read
         net.in_dim = rcfg.backbone.embed_dim
-    _same_splits(run_dir / "splits.csv", out / "splits.csv")
+    if not external:
+        _same_splits(run_dir / "splits.csv", out / "splits.csv")
+    _same_features(run_dir / "features.json", out / "features.json")
     dm.setup("test")
-    split = str(cfg.split)
-    if split not in ("val", "test"):
-        raise Her2labError(f"split={split}: evaluate on val or test (training items are sub-sampled)")
-    if split not in dm.datasets:
-        raise Her2labError(f"split={split}: the run has splits {sorted(dm.datasets)}")
+    ds = "test" if external else split
+    if ds not in dm.datasets:
+        raise Her2labError(f"split={split}: no slides in it (the run's cohort has {sorted(dm.datasets)})")
     module = build(rcfg.model)
     state = torch.load(ckpt, map_location="cpu", weights_only=False).get("state_dict", {})
     try:
@@ -75,35 +81,125 @@ def evaluate(cfg: DictConfig) -> float | None:
                            "was it made by another model or encoder?") from None
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.test(module, dataloaders=dm._eval(split))
+    trainer.test(module, dataloaders=dm._eval(ds))
     metrics = {k.replace("test/", f"{split}/", 1): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     metrics[f"{split}/confusion_matrix"] = module.confusion.compute().tolist()
-    metrics.update({"checkpoint": str(ckpt), "run_dir": str(run_dir), "split": split})
-    write_predictions(module, dm, rcfg, out / "predictions.csv", split)
+    metrics.update({"checkpoint": str(ckpt), "run_dir": str(run_dir), "split": split, "cohort": str(rcfg.cohort.name),
+                    f"{split}/slides": len(dm.datasets[ds])})
+    write_predictions(module, dm, rcfg, out / "predictions.csv", ds)
     preds = pd.read_csv(out / "predictions.csv").merge(
         pd.read_csv(out / "splits.csv", dtype={"slide_id": str, "patient_id": str})[["slide_id", "patient_id"]], on="slide_id")
     classes = [str(c) for c in rcfg.labels.classes]
     y = preds.label_index.to_numpy()
     probs = preds[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
-    metrics[f"{split}/ece"] = reliability_png(y, probs, out / "calibration.png", title=f"{split}: {run_dir.name}")
-    curves_png(y, probs, classes, out / "curves.png", title=f"{split}: {run_dir.name}")
+    title = f"{split}: {run_dir.name}" + (f" on {rcfg.cohort.name}" if external else "")
+    metrics[f"{split}/ece"] = reliability_png(y, probs, out / "calibration.png", title=title)
+    curves_png(y, probs, classes, out / "curves.png", title=title)
+    confusion_png(metrics[f"{split}/confusion_matrix"], classes, out / "confusion_matrix.png", title=title)
     ci = patient_bootstrap(preds, n=int(cfg.n_boot), seed=int(cfg.seed))
     with atomic_path(out / "metrics_ci.csv") as tmp:
         ci.to_csv(tmp, index=False)
     hm = cfg.get("heatmaps") or {}
+    loc = None
     if rcfg.data.kind == "bags" and hm.get("enabled", True):
-        loc = attention_maps(module, dm.datasets[split], rcfg, out / "heatmaps", limit=hm.get("limit"),
+        loc = attention_maps(module, dm.datasets[ds], rcfg, out / "heatmaps", limit=hm.get("limit"),
                              top_k=int(hm.get("top_k", 8)), chunk=int(hm.get("chunk", 8192)))
         if loc is not None:
             for k in ("attention", "tile_score"):
                 if loc[f"{k}_auroc"].notna().any():
                     metrics[f"{split}/{k}_localisation_auroc"] = float(loc[f"{k}_auroc"].mean())
+    elif rcfg.data.kind == "thumbnail" and hm.get("enabled", True):
+        from her2lab.explain.gradcam import save_gradcam
+
+        save_gradcam(module, dm.datasets[ds], module.test_outputs, classes, out / "gradcam",
+                     layer=(rcfg.get("gradcam") or {}).get("layer"), limit=hm.get("limit"))
     with atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if (cfg.get("wandb") or {}).get("enabled", False):
+        log_wandb_eval(cfg.wandb, rcfg, run_dir, out, metrics, preds, classes, ci, loc)
     for r in ci.itertuples():
         log.info("%s %s = %.3f [%.3f, %.3f]", split, r.metric, r.value, r.lo, r.hi)
     log.info("evaluation folder: %s", out)
     return metrics.get(f"{split}/auroc")
+
+
+def eval_split(cfg: DictConfig) -> str:
+    """``val`` or ``test`` of the run's own cohort, or ``external``: every slide of a new cohort."""
+    split = cfg.get("split")
+    if cfg.get("cohort"):
+        if split not in (None, "external"):
+            raise Her2labError(f"split={split}: a new cohort is evaluated whole (split=external); "
+                               "to test a subset, give a manifest of just those slides")
+        return "external"
+    if split == "external":
+        raise Her2labError("split=external evaluates a new cohort: give cohort=<name> (e.g. cohort=custom cohort.manifest=…)")
+    split = split or "test"
+    if split not in ("val", "test"):
+        raise Her2labError(f"split={split}: evaluate on val or test (training items are sub-sampled), or a new cohort")
+    return str(split)
+
+
+def eval_dir_name(split: str | None, cohort: str | None) -> str:
+    """Folder name of an evaluation under ``<run>/eval/`` (the timestamp is added after it)."""
+    return f"external-{cohort}" if cohort else str(split or "test")
+
+
+def _use_new_cohort(cfg: DictConfig, rcfg: DictConfig) -> dict:
+    """Point the run's config at the new cohort (its paths resolve against the run's ``paths``);
+    returns the run's own cohort config."""
+    new = OmegaConf.to_container(cfg.cohort, resolve=False)
+    ran = OmegaConf.to_container(rcfg.cohort, resolve=True)
+    with open_dict(rcfg):
+        rcfg.cohort = new
+        rcfg.external_cohort = True
+        if cfg.get("features_dir"):
+            rcfg.data.features_dir = str(cfg.features_dir)
+        elif rcfg.data.get("features_dir"):
+            raise Her2labError(f"the run read features from data.features_dir={rcfg.data.features_dir}; "
+                               f"give features_dir=<the {rcfg.cohort.name} cohort's features, same encoder>")
+    if Path(str(rcfg.cohort.manifest)).resolve() == Path(str(ran["manifest"])).resolve():
+        raise Her2labError(f"cohort={rcfg.cohort.name} is the run's own cohort; use split=val or split=test")
+    have, want = str(rcfg.cohort.get("stain") or ""), str(ran.get("stain") or "")
+    if have and want and have != want and not cfg.get("allow_other_stain", False):
+        raise Her2labError(f"the run was trained on {want} slides but cohort {rcfg.cohort.name} is {have}; "
+                           "set allow_other_stain=true to evaluate across stains anyway")
+    return ran
+
+
+def _not_seen_in_training(run_dir: Path, ran_cohort: dict, cohort: DictConfig, new: pd.DataFrame) -> None:
+    """An external cohort holding slides the run trained or validated on would report optimistic
+    numbers: an error. Shared patient ids (may be a coincidence of numbering) are a warning."""
+    from her2lab.data.cohort import load_manifest
+
+    ran = run_dir / "splits.csv"
+    if not ran.exists() or not Path(str(ran_cohort["manifest"])).is_file():
+        log.warning("%s: no splits.csv or manifest; cannot check that cohort %s is new to the run", run_dir, cohort.name)
+        return
+    a = pd.read_csv(ran, dtype=str)
+    seen = a[a.split.isin(["train", "val"])]
+    old = load_manifest(ran_cohort["manifest"])
+    seen_paths = {str(Path(p).resolve()) for p in old.path[old.slide_id.isin(seen.slide_id)]}
+    both = sorted(new.slide_id[[str(Path(p).resolve()) in seen_paths for p in new.path]])
+    if both:
+        raise Her2labError(f"cohort {cohort.name} holds {len(both)} slide(s) the run trained or validated on "
+                           f"({', '.join(both[:5])}); an external cohort must be new to the model")
+    shared = sorted(set(seen.patient_id) & set(new.patient_id.astype(str)))
+    if shared:
+        log.warning("cohort %s shares %d patient id(s) with the run's training/validation slides (%s): "
+                    "if they are the same patients, the external metrics are optimistic",
+                    cohort.name, len(shared), ", ".join(shared[:5]))
+
+
+def _same_features(ran: Path, now: Path) -> None:
+    """Features of the evaluated slides must come from the encoder (and weights, tile size and
+    resolution) the model was trained on."""
+    if not ran.exists() or not now.exists():
+        return
+    a, b = json.loads(ran.read_text()), json.loads(now.read_text())
+    diff = [f"{k}={b[k]!r} (trained on {a[k]!r})" for k in a if k != "folder" and k in b and a[k] != b[k]]
+    if diff:
+        raise Her2labError(f"features in {b.get('folder')} were made differently from the run's: {', '.join(diff)}; "
+                           "extract them with the run's backbone")
 
 
 def _same_splits(ran: Path, now: Path) -> None:
@@ -158,3 +254,58 @@ def attention_maps(module, dataset, rcfg: DictConfig, out: Path, limit: int | No
     with atomic_path(out / "localisation.csv") as tmp:
         loc.to_csv(tmp, index=False)
     return loc
+
+
+def run_group(rcfg: DictConfig, run_dir: Path) -> str:
+    """The W&B group the training run logged to: its configured group, else its task (plus its
+    sweep folder when it was a multirun job, as training names it)."""
+    from her2lab.run.train import wandb_group
+
+    group = ((rcfg.get("logger") or {}).get("wandb") or {}).get("group")
+    if group:
+        return str(group)
+    sweep = run_dir.parent if (run_dir.parent / "multirun.yaml").exists() else None
+    return wandb_group(str(rcfg.task_name), sweep)
+
+
+def log_wandb_eval(wcfg: DictConfig, rcfg: DictConfig, run_dir: Path, out: Path, metrics: dict, preds: pd.DataFrame,
+                   classes: list[str], ci: pd.DataFrame, loc: pd.DataFrame | None) -> None:
+    """One W&B run (job type ``eval``) in the training run's group: the metrics, their bootstrap
+    intervals, confusion matrix, ROC and PR charts, the per-slide table, the pictures and heatmaps.
+    Offline by default: ``wandb sync <eval folder>/wandb/offline-run-*`` uploads it later."""
+    import wandb
+
+    split = metrics["split"]
+    cohort = f"-{metrics['cohort']}" if split == "external" else ""
+    run = wandb.init(
+        project=str(wcfg.get("project", "her2lab")), group=wcfg.get("group") or run_group(rcfg, run_dir), job_type="eval",
+        name=f"eval-{run_dir.name}-{split}{cohort}", dir=str(out), mode="offline" if wcfg.get("offline", True) else "online",
+        tags=[str(t) for t in wcfg.get("tags") or []],
+        config={"run_dir": str(run_dir), "checkpoint": metrics["checkpoint"], "split": split, "cohort": metrics["cohort"],
+                "run": OmegaConf.to_container(rcfg, resolve=True)},
+    )
+    try:
+        y = preds.label_index.tolist()
+        probs = preds[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
+        logs: dict = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        logs[f"{split}/confusion_matrix"] = wandb.plot.confusion_matrix(
+            y_true=y, preds=probs.argmax(1).tolist(), class_names=classes)
+        logs[f"{split}/roc"] = wandb.plot.roc_curve(y, probs, labels=classes)
+        logs[f"{split}/pr"] = wandb.plot.pr_curve(y, probs, labels=classes)
+        logs[f"{split}/predictions"] = wandb.Table(dataframe=preds)
+        logs[f"{split}/metrics_ci"] = wandb.Table(dataframe=ci)
+        for png in ("curves", "calibration", "confusion_matrix"):
+            if (out / f"{png}.png").exists():
+                logs[f"{split}/{png}_png"] = wandb.Image(str(out / f"{png}.png"))
+        n = int(wcfg.get("images", 16))
+        for key, pattern in (("heatmaps", "heatmaps/*_heatmap.png"), ("tiles", "heatmaps/*_tiles.png"), ("gradcam", "gradcam/*.png")):
+            files = sorted(out.glob(pattern))[:n]
+            if files:
+                logs[f"{split}/{key}"] = [wandb.Image(str(f), caption=f.stem) for f in files]
+        if loc is not None:
+            logs[f"{split}/localisation"] = wandb.Table(dataframe=loc)
+        run.log(logs)
+        run.summary.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
+    finally:
+        run.finish()
+    log.info("W&B run %s (group %s) in %s", run.name, run.group, out / "wandb")

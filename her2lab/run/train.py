@@ -29,11 +29,17 @@ log = logging.getLogger(__name__)
 
 
 def cohort_split(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
-    """Manifest with ``label`` and ``split`` columns (patient-grouped folds), saved to the run."""
+    """Manifest with ``label`` and ``split`` columns (patient-grouped folds), saved to the run.
+
+    ``external_cohort=true`` (evaluation on a new cohort): every slide is in the ``test`` split.
+    """
     manifest = resolve_cohort(cfg.cohort, num_workers=cfg.get("num_workers", 1))
     scheme = label_scheme(cfg.labels.name, cfg.labels.get("classes"))
     labels = scheme.encode(manifest)
-    split = split_for_fold(manifest, labels, int(cfg.fold), int(cfg.data.n_folds), int(cfg.seed))
+    if cfg.get("external_cohort"):
+        split = pd.Series("test", index=manifest.index)
+    else:
+        split = split_for_fold(manifest, labels, int(cfg.fold), int(cfg.data.n_folds), int(cfg.seed))
     save_splits(run_dir / "splits.csv", manifest, labels, split)
     return manifest.assign(label=labels.values, split=split.values)
 
@@ -42,7 +48,9 @@ def _by_split(table: pd.DataFrame, make, cfg: DictConfig) -> dict[str, list]:
     out: dict[str, list] = {"train": [], "val": [], "test": []}
     for r in table.itertuples():
         out[r.split].append(make(r))
-    for s in ("train", "val"):
+    if cfg.get("external_cohort") and not out["test"]:
+        raise Her2labError(f"cohort {cfg.cohort.name}: no slide left to evaluate")
+    for s in () if cfg.get("external_cohort") else ("train", "val"):
         if not out[s]:
             raise Her2labError(f"the {s} split is empty (fold={cfg.fold}, data.n_folds={cfg.data.n_folds}); use more slides or fewer folds")
     return out
@@ -88,7 +96,7 @@ def thumbnail_splits(cfg: DictConfig, run_dir: Path) -> dict[str, list]:
 
 def bag_splits(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, list], pd.DataFrame]:
     """Split cohort → features (extracted when missing, or a given folder) → bag records."""
-    from her2lab.data.bags import BagRecord
+    from her2lab.data.bags import BagRecord, features_identity
     from her2lab.run.extract import backbone_spec, features_dir, run_extract
 
     table = cohort_split(cfg, run_dir)
@@ -102,7 +110,12 @@ def bag_splits(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, list], pd.Data
         failed = report[report.status == "failed"]
         missing = dict(zip(failed.slide_id, failed.get("error", pd.Series("failed", index=failed.index)).astype(str), strict=True))
     table = _exclude(cfg, table, missing, folder, run_dir)
-    return _by_split(table, lambda r: BagRecord(r.slide_id, str(folder / f"{r.slide_id}.h5"), int(r.label)), cfg), table
+    splits = _by_split(table, lambda r: BagRecord(r.slide_id, str(folder / f"{r.slide_id}.h5"), int(r.label)), cfg)
+    if _is_rank_zero():  # what made the features, so that evaluation on other slides can check it
+        first = next(recs[0] for recs in splits.values() if recs)
+        with atomic_path(run_dir / "features.json") as tmp:
+            tmp.write_text(json.dumps({"folder": str(folder), **features_identity(first.features_path)}, indent=2))
+    return splits, table
 
 
 def _exclude(
@@ -136,8 +149,9 @@ def build_datamodule(cfg: DictConfig, run_dir: Path) -> pl.LightningDataModule:
         if bb.embed_dim is None:  # a timm model by name: the features say their size
             from her2lab.data.bags import read_features
 
+            first = next(recs[0] for recs in splits.values() if recs)
             with open_dict(cfg):
-                cfg.backbone.embed_dim = int(read_features(splits["train"][0].features_path)[0].shape[1])
+                cfg.backbone.embed_dim = int(read_features(first.features_path)[0].shape[1])
         return build(cfg.data.module, splits=splits, embed_dim=cfg.backbone.embed_dim)
     if kind == "patches":
         tiling = TilingParams(target_mpp=bb.target_mpp, patch_px=bb.input_px, min_tissue=cfg.data.min_tissue)
@@ -218,10 +232,15 @@ def _sweep_group(cfg: DictConfig) -> str:
 
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:
-            return f"{cfg.task_name}-{Path(hc.runtime.output_dir).parent.name}"
+            return wandb_group(cfg.task_name, Path(hc.runtime.output_dir).parent)
     except ValueError:  # not launched by Hydra (compose API)
         pass
-    return str(cfg.task_name)
+    return wandb_group(cfg.task_name, None)
+
+
+def wandb_group(task_name: str, sweep_dir: Path | None) -> str:
+    """The task's name, plus the sweep folder's name for the jobs of a multirun."""
+    return f"{task_name}-{sweep_dir.name}" if sweep_dir is not None else str(task_name)
 
 
 def _instantiate_loggers(cfg: DictConfig) -> list:
