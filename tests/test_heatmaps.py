@@ -39,26 +39,29 @@ def test_chunked_attention_equals_the_whole_bag_forward(tmp_path):
         assert np.allclose(att.attention, w[0].detach().numpy(), atol=1e-6) and np.isclose(att.attention.sum(), 1)
         assert np.allclose(att.probs, probs_of(logits)[0].detach().numpy(), atol=1e-5)
         tile = probs_of(net.classifier(net.project(x)))
+        assert np.allclose(att.tile_probs, tile.detach().numpy(), atol=1e-5)  # per-class evidence
         assert np.allclose(att.tile_score, (tile @ torch.arange(tile.shape[1]).float()).detach().numpy(), atol=1e-5)
 
 
 def test_geojson_round_trips_for_qupath(tmp_path):
     rng = np.random.default_rng(1)
     att = SlideAttention("s", rng.integers(0, 10**5, (50, 2)), rng.dirichlet(np.ones(50)), np.array([0.2, 0.8]),
-                         rng.uniform(0, 1, 50), 448, 0.25, "")
-    path = geojson(att, tmp_path / "s.geojson")
+                         rng.dirichlet(np.ones(2), 50), 448, 0.25, "")
+    path = geojson(att, tmp_path / "s.geojson", ["neg", "pos"])
     coords, a = read_geojson(path)
     assert np.array_equal(coords, att.coords) and np.allclose(a, att.attention)
     f = json.loads(path.read_text())["features"][0]
     ring = f["geometry"]["coordinates"][0]
     assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and ring[2][0] - ring[0][0] == 448
-    assert f["properties"]["objectType"] == "tile" and "attention" in f["properties"]["measurements"]
+    m = f["properties"]["measurements"]
+    assert f["properties"]["objectType"] == "tile" and m["attention"] == att.attention[0]
+    assert m["p_pos"] == att.tile_probs[0, 1] and m["tile_score"] == att.tile_probs[0, 1]  # two classes: score = P(pos)
 
 
 def test_localisation_auroc_on_a_hand_made_slide():
     # 4 tiles in a row; the mask covers the right half; attention grows to the right
     att = SlideAttention("s", np.array([[0, 0], [100, 0], [200, 0], [300, 0]]), np.array([0.1, 0.2, 0.3, 0.4]),
-                         np.array([1.0]), np.array([0.0, 0.0, 1.0, 1.0]), 100, 1.0, "")
+                         np.array([1.0]), np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), 100, 1.0, "")
     mask = np.zeros((10, 40), np.uint8)
     mask[:, 20:] = 1  # mask at 10 µm/px: x ≥ 200 µm
     assert localisation_auroc(att, mask, 10.0) == 1.0

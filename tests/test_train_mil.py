@@ -127,6 +127,12 @@ def test_multirun_over_folds_jobs_are_self_contained(tmp_path):
     assert list(summary.status) == ["done", "done"]
     cv = pd.read_csv(tmp_path / "sweep" / "cv_summary.csv")
     assert len(cv) == 1 and cv.folds_done[0] == 2 and cv["pooled slides"][0] == len(tests[0] | tests[1])
+    # eval.py on a job of the sweep reproduces its test metrics
+    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={runs[0]}", "n_boot=20", "heatmaps.limit=1",
+                          f"hydra.run.dir={tmp_path / 'eval0'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    e, m = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "eval0", runs[0]))
+    assert e["test/auroc"] == pytest.approx(m["test/auroc"], abs=1e-6) and e["test/f1"] == pytest.approx(m["test/f1"], abs=1e-6)
     # features were extracted once and reused by the second job
     feats = list((tmp_path / "data" / "demo" / "features" / "2mpp_64px_0px_overlap" / "r18").glob("*.h5"))
     assert len(feats) == 12

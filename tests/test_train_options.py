@@ -226,7 +226,7 @@ def test_eval_reproduces_the_run_and_adds_uncertainty(cohort, tmp_path):
     # attention maps for every test slide, and their localisation against the generator's truth
     hm = tmp_path / "eval" / "heatmaps"
     for sid in p_eval.slide_id:
-        for f in (f"{sid}_heatmap.png", f"{sid}_tiles.png", f"{sid}.geojson"):
+        for f in (f"{sid}_heatmap.png", f"{sid}_evidence.png", f"{sid}_tiles.png", f"{sid}.geojson"):
             assert (hm / f).stat().st_size > 0, f
     loc = pd.read_csv(hm / "localisation.csv")
     assert set(loc.slide_id) == set(p_eval.slide_id)

@@ -35,10 +35,15 @@ class SlideAttention:
     coords: np.ndarray  # (N, 2) level-0 x, y of each tile's top-left corner
     attention: np.ndarray  # (N,) summing to 1
     probs: np.ndarray  # (C,) slide prediction
-    tile_score: np.ndarray  # (N,) expected class index of the classifier applied to each tile alone
+    tile_probs: np.ndarray  # (N, C) class probabilities of the slide classifier applied to each tile alone
     patch_px_level0: int
     level0_mpp: float
     slide_path: str
+
+    @property
+    def tile_score(self) -> np.ndarray:
+        """(N,) each tile's expected class index (0 … C-1) under its own probabilities."""
+        return self.tile_probs @ np.arange(self.tile_probs.shape[1], dtype=np.float64)
 
     def percentile(self) -> np.ndarray:
         """Each tile's attention rank in [0, 1] (1 = most attended)."""
@@ -60,8 +65,7 @@ def bag_attention(net: nn.Module, features_path: str | Path, probs_of, chunk: in
         scores, tile = [], []
         for s in range(0, n, chunk):
             h = net.project(torch.as_tensor(f["features"][s : s + chunk], dtype=torch.float32, device=dev))
-            p = probs_of(net.classifier(h).float())
-            tile.append(p @ torch.arange(p.shape[1], dtype=p.dtype, device=dev))
+            tile.append(probs_of(net.classifier(h).float()))
             if hasattr(net, "attention_logits"):
                 scores.append(net.attention_logits(h[None])[0])
         if scores:
@@ -77,10 +81,35 @@ def bag_attention(net: nn.Module, features_path: str | Path, probs_of, chunk: in
     return SlideAttention(
         slide_id=str(attrs.get("slide_id", Path(features_path).stem)), coords=coords.astype(np.int64),
         attention=a.cpu().numpy().astype(np.float64), probs=probs_of(logits.float())[0].cpu().numpy(),
-        tile_score=torch.cat(tile).cpu().numpy().astype(np.float64),
+        tile_probs=torch.cat(tile).cpu().numpy().astype(np.float64),
         patch_px_level0=int(attrs.get("patch_px_level0", 0)), level0_mpp=float(attrs.get("level0_mpp", 0.0)),
         slide_path=str(attrs.get("slide_path", "")),
     )
+
+
+def _painter(att: SlideAttention, thumb: np.ndarray, thumb_mpp: float):
+    """``paint(values)``: a thumbnail-sized masked array, each tile's square filled with its value."""
+    s = att.level0_mpp / thumb_mpp
+    p = max(1, round(att.patch_px_level0 * s))
+    xy = np.round(att.coords * s).astype(int)
+
+    def paint(values: np.ndarray) -> np.ndarray:
+        heat = np.full(thumb.shape[:2], np.nan)
+        for (x, y), v in zip(xy, values, strict=True):
+            heat[max(y, 0) : y + p, max(x, 0) : x + p] = v
+        return np.ma.masked_invalid(heat)
+
+    return paint
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
 
 
 def heatmap_png(att: SlideAttention, thumb: np.ndarray, thumb_mpp: float, path: Path, title: str = "",
@@ -92,16 +121,7 @@ def heatmap_png(att: SlideAttention, thumb: np.ndarray, thumb_mpp: float, path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = att.level0_mpp / thumb_mpp
-    p = max(1, round(att.patch_px_level0 * s))
-    xy = np.round(att.coords * s).astype(int)
-
-    def paint(values: np.ndarray) -> np.ndarray:
-        heat = np.full(thumb.shape[:2], np.nan)
-        for (x, y), v in zip(xy, values, strict=True):
-            heat[max(y, 0) : y + p, max(x, 0) : x + p] = v
-        return np.ma.masked_invalid(heat)
-
+    paint = _painter(att, thumb, thumb_mpp)
     k = len(att.probs)
     h, w = thumb.shape[:2]
     fig, axes = plt.subplots(1, 3, figsize=(3 * 3.6 * w / max(h, w) + 2.0, 3.6 * h / max(h, w) + 0.8), dpi=120)
@@ -119,8 +139,31 @@ def heatmap_png(att: SlideAttention, thumb: np.ndarray, thumb_mpp: float, path: 
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
+    return _save(fig, path)
+
+
+def evidence_png(att: SlideAttention, thumb: np.ndarray, thumb_mpp: float, path: Path, title: str = "",
+                 class_names: list[str] | None = None) -> Path:
+    """Per-class evidence: one panel per class, every tile coloured by the probability the slide
+    classifier gives that class from the tile alone (one colour bar, 0 to 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paint = _painter(att, thumb, thumb_mpp)
+    k = att.tile_probs.shape[1]
+    names = class_names or [str(i) for i in range(k)]
+    h, w = thumb.shape[:2]
+    fig, axes = plt.subplots(1, k, figsize=(k * 3.2 * w / max(h, w) + 1.2, 3.2 * h / max(h, w) + 0.8), dpi=120)
+    for c, ax in enumerate(np.atleast_1d(axes)):
+        ax.imshow(thumb)
+        im = ax.imshow(paint(att.tile_probs[:, c]), cmap="viridis", vmin=0, vmax=1, alpha=0.7)
+        ax.set_title(f"P({names[c]} | tile)", fontsize=9)
+        ax.set_axis_off()
+    fig.colorbar(im, ax=list(np.atleast_1d(axes)), fraction=0.02, pad=0.01, label="tile probability")
+    fig.suptitle(title, fontsize=9)
+    with atomic_path(Path(path)) as tmp:  # no tight_layout: it fights the shared colour bar
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(path)
@@ -149,10 +192,13 @@ def montage_png(att: SlideAttention, path: Path, k: int = 8, px: int = 96, mpp: 
     return Path(path)
 
 
-def geojson(att: SlideAttention, path: Path) -> Path:
-    """Tiles as QuPath-readable GeoJSON (level-0 pixel polygons) with attention measurements."""
+def geojson(att: SlideAttention, path: Path, class_names: list[str] | None = None) -> Path:
+    """Tiles as QuPath-readable GeoJSON (level-0 pixel polygons) with measurements: attention,
+    its percentile, the tile score and each class's tile probability (``p_<class>``)."""
     p = att.patch_px_level0
     pct = att.percentile()
+    score = att.tile_score
+    names = class_names or [str(i) for i in range(att.tile_probs.shape[1])]
     feats = []
     for i, ((x, y), a) in enumerate(zip(att.coords.tolist(), att.attention.tolist(), strict=True)):
         feats.append({
@@ -160,7 +206,8 @@ def geojson(att: SlideAttention, path: Path) -> Path:
             "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + p, y], [x + p, y + p], [x, y + p], [x, y]]]},
             "properties": {"objectType": "tile", "name": f"tile {i}",
                            "measurements": {"attention": a, "attention_percentile": float(pct[i]),
-                                            "tile_score": float(att.tile_score[i])}},
+                                            "tile_score": float(score[i]),
+                                            **{f"p_{c}": float(v) for c, v in zip(names, att.tile_probs[i], strict=True)}}},
         })
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))

@@ -220,6 +220,7 @@ def attention_maps(module, dataset, rcfg: DictConfig, out: Path, limit: int | No
 
     from her2lab.explain.heatmaps import (
         bag_attention,
+        evidence_png,
         geojson,
         heatmap_png,
         localisation_auroc,
@@ -239,8 +240,9 @@ def attention_maps(module, dataset, rcfg: DictConfig, out: Path, limit: int | No
         thumb = cv2.cvtColor(cv2.imread(str(prep.thumb_path(rec.slide_id))), cv2.COLOR_BGR2RGB)
         title = f"{rec.slide_id}: label {classes[rec.label]}, predicted {classes[int(att.probs.argmax())]} ({att.probs.max():.2f})"
         heatmap_png(att, thumb, prep.thumb_mpp, out / f"{rec.slide_id}_heatmap.png", title, classes)
+        evidence_png(att, thumb, prep.thumb_mpp, out / f"{rec.slide_id}_evidence.png", title, classes)
         montage_png(att, out / f"{rec.slide_id}_tiles.png", k=top_k)
-        geojson(att, out / f"{rec.slide_id}.geojson")
+        geojson(att, out / f"{rec.slide_id}.geojson", classes)
         mask_file = masks / f"{rec.slide_id}_positive.png" if masks else None
         if mask_file is not None and mask_file.exists():
             mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE)
@@ -298,7 +300,8 @@ def log_wandb_eval(wcfg: DictConfig, rcfg: DictConfig, run_dir: Path, out: Path,
             if (out / f"{png}.png").exists():
                 logs[f"{split}/{png}_png"] = wandb.Image(str(out / f"{png}.png"))
         n = int(wcfg.get("images", 16))
-        for key, pattern in (("heatmaps", "heatmaps/*_heatmap.png"), ("tiles", "heatmaps/*_tiles.png"), ("gradcam", "gradcam/*.png")):
+        for key, pattern in (("heatmaps", "heatmaps/*_heatmap.png"), ("evidence", "heatmaps/*_evidence.png"),
+                             ("tiles", "heatmaps/*_tiles.png"), ("gradcam", "gradcam/*.png")):
             files = sorted(out.glob(pattern))[:n]
             if files:
                 logs[f"{split}/{key}"] = [wandb.Image(str(f), caption=f.stem) for f in files]
