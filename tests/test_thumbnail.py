@@ -191,6 +191,16 @@ def test_convnext_on_thumbnails_runs_with_gradcam(tmp_path):
     overlays = sorted((run / "gradcam").glob("*.png"))
     assert len(overlays) == len(preds)
     assert cv2.imread(str(overlays[0])).shape == (64, 128, 3)  # input | overlay
+    # external validation: a new IHC cohort, thumbnails made at the run's resolution, Grad-CAM of each slide
+    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data")}
+    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={run}", "cohort=demo_external", "cohort.stain=ihc",
+                          "cohort.synthetic.n_slides=4", "n_boot=20", f"hydra.run.dir={tmp_path / 'ext'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ext = pd.read_csv(tmp_path / "ext" / "predictions.csv")
+    assert len(ext) == 4 and ext.slide_id.str.startswith("ext_").all()
+    assert len(list((tmp_path / "ext" / "gradcam").glob("*.png"))) == 4
+    assert "external/auroc" in json.loads((tmp_path / "ext" / "metrics.json").read_text())
 
 
 def test_patch_classifier_baseline_scores_slides(tmp_path):
