@@ -4,9 +4,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from her2lab.run.entry import one_line_errors
-from her2lab.run.evaluate import eval_dir_name, evaluate
+from her2lab.run.evaluate import eval_dir, evaluate
 
-OmegaConf.register_new_resolver("her2lab.eval_dir", eval_dir_name, replace=True)
+OmegaConf.register_new_resolver("her2lab.eval_dir", eval_dir, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

@@ -307,7 +307,8 @@ def test_eval_on_a_new_cohort_with_wandb(cohort, tmp_path, monkeypatch):
 def test_eval_py_command_line(cohort, tmp_path):
     run = tmp_path / "run"
     _train(cohort, run, "trainer.max_epochs=1")
-    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={run}", "split=val", "n_boot=50"],
+    best = next((run / "checkpoints").glob("best_*.ckpt"))  # the run folder is found from the checkpoint
+    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"ckpt_path={best}", "split=val", "n_boot=50"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = next((run / "eval").glob("val-*"))
@@ -322,6 +323,8 @@ def test_eval_py_command_line(cohort, tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={tmp_path / 'nope'}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and "not a training run folder" in res.stderr.strip().splitlines()[-1]
+    res = subprocess.run([sys.executable, str(REPO / "eval.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "give run_dir=" in res.stderr.strip().splitlines()[-1]
 
 
 def test_attention_finds_the_positive_tissue_better_than_a_random_ranking(tmp_path):

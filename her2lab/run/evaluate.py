@@ -39,7 +39,10 @@ def evaluate(cfg: DictConfig) -> float | None:
     from her2lab.run.cohort import resolve_cohort
     from her2lab.run.train import build, build_datamodule, write_predictions
 
-    run_dir = Path(cfg.run_dir)
+    run_dir = find_run_dir(cfg.get("run_dir"), cfg.get("ckpt_path"))
+    if run_dir is None:
+        raise Her2labError(f"ckpt_path={cfg.ckpt_path}: not inside a training run folder (no config.yaml above it); give run_dir=…"
+                           if cfg.get("ckpt_path") else "give run_dir=<a training run folder> or ckpt_path=<one of its checkpoints>")
     if not (run_dir / "config.yaml").is_file():
         raise Her2labError(f"run_dir={run_dir}: not a training run folder (no config.yaml)")
     ckpt = cfg.get("ckpt_path")
@@ -139,9 +142,25 @@ def eval_split(cfg: DictConfig) -> str:
     return str(split)
 
 
-def eval_dir_name(split: str | None, cohort: str | None) -> str:
-    """Folder name of an evaluation under ``<run>/eval/`` (the timestamp is added after it)."""
-    return f"external-{cohort}" if cohort else str(split or "test")
+def find_run_dir(run_dir: str | None, ckpt_path: str | None) -> Path | None:
+    """``run_dir``, or the run folder a checkpoint lies in (the nearest folder above it with a
+    ``config.yaml``)."""
+    if run_dir:
+        return Path(run_dir)
+    if ckpt_path:
+        return next((d for d in Path(ckpt_path).absolute().parents if (d / "config.yaml").is_file()), None)
+    return None
+
+
+def eval_dir(run_dir: str | None, ckpt_path: str | None, split: str | None, cohort: str | None) -> str:
+    """Where an evaluation goes: ``<run>/eval/<split>`` or ``<run>/eval/external-<cohort>`` (the
+    timestamp is added after it). Without a run folder the evaluation stops with a message; its
+    Hydra folder then goes to the temporary directory rather than litter the working folder."""
+    import tempfile
+
+    found = find_run_dir(run_dir, ckpt_path)
+    name = f"external-{cohort}" if cohort else str(split or "test")
+    return str((found if found is not None else Path(tempfile.gettempdir()) / "her2lab-no-run") / "eval" / name)
 
 
 def _use_new_cohort(cfg: DictConfig, rcfg: DictConfig) -> dict:
