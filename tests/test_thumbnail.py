@@ -171,7 +171,8 @@ def test_mixed_stains_in_one_manifest_are_an_error(tmp_path):
 
 
 def _run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp / "data"), "HER2LAB_LOG_DIR": str(tmp / "logs")}
+    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp / "data"), "HER2LAB_LOG_DIR": str(tmp / "logs"), "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -180,7 +181,7 @@ SMALL_IHC = ["cohort=demo_ihc", "labels=her2_3way", "cohort.synthetic.n_slides=1
 
 def test_convnext_on_thumbnails_runs_with_gradcam(tmp_path):
     res = _run(tmp_path, "experiment=paper_b_convnext", *SMALL_IHC, "data.module.input_px=64", "trainer.max_epochs=2",
-               f"hydra.run.dir={tmp_path / 'run'}")
+               "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}")
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
     m = json.loads((run / "metrics.json").read_text())
@@ -191,6 +192,9 @@ def test_convnext_on_thumbnails_runs_with_gradcam(tmp_path):
     overlays = sorted((run / "gradcam").glob("*.png"))
     assert len(overlays) == len(preds)
     assert cv2.imread(str(overlays[0])).shape == (64, 128, 3)  # input | overlay
+    wb = list(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(wb) == 1 and b"test/gradcam" in wb[0].read_bytes()  # the overlays are in the W&B run too
+    assert len(list(run.glob("wandb/offline-run-*/files/media/images/test/gradcam*"))) == len(preds)
     # external validation: a new IHC cohort, thumbnails made at the run's resolution, Grad-CAM of each slide
     env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data")}
     res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={run}", "cohort=demo_external", "cohort.stain=ihc",

@@ -255,8 +255,9 @@ def _instantiate_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
-def _log_wandb_test(loggers: list, module, class_names: list[str], predictions: Path) -> None:
-    """Test results as W&B charts and a table: confusion matrix, ROC curves, one row per slide."""
+def _log_wandb_test(loggers: list, module, class_names: list[str], predictions: Path, images: list[Path] = ()) -> None:
+    """Test results as W&B charts and a table: confusion matrix, ROC curves, one row per slide,
+    and pictures (Grad-CAM overlays)."""
     outs = sorted(getattr(module, "test_outputs", None) or [], key=lambda o: o["index"])
     wb = [lg for lg in loggers if lg.__class__.__name__ == "WandbLogger"]
     if not outs or not wb:
@@ -272,6 +273,8 @@ def _log_wandb_test(loggers: list, module, class_names: list[str], predictions: 
                 "test/roc": wandb.plot.roc_curve(y, probs, labels=class_names)}
         if table is not None:
             logs["test/predictions"] = table
+        if images:
+            logs["test/gradcam"] = [wandb.Image(str(p), caption=p.stem) for p in images]
         lg.experiment.log(logs)
 
 
@@ -335,18 +338,19 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         if zero:
             if getattr(module, "test_outputs", None):
                 write_predictions(module, dm, cfg, run_dir / "predictions.csv")
+            gc = cfg.get("gradcam") or {}
+            overlays = []
+            if cfg.data.kind == "thumbnail" and gc.get("enabled", True) and module.test_outputs:
+                from her2lab.explain.gradcam import save_gradcam
+
+                overlays = save_gradcam(module, dm.datasets["test"], module.test_outputs, classes, run_dir / "gradcam",
+                                        layer=gc.get("layer"), limit=gc.get("limit"))
             if "test/confusion_matrix" in metrics and classes:
                 from her2lab.plots import confusion_png
 
                 confusion_png(metrics["test/confusion_matrix"], classes, run_dir / "confusion_matrix.png",
                               title=f"{cfg.task_name} fold {cfg.fold} (test)")
-                _log_wandb_test(loggers, module, classes, run_dir / "predictions.csv")
-            gc = cfg.get("gradcam") or {}
-            if cfg.data.kind == "thumbnail" and gc.get("enabled", True) and module.test_outputs:
-                from her2lab.explain.gradcam import save_gradcam
-
-                save_gradcam(module, dm.datasets["test"], module.test_outputs, classes, run_dir / "gradcam",
-                             layer=gc.get("layer"), limit=gc.get("limit"))
+                _log_wandb_test(loggers, module, classes, run_dir / "predictions.csv", overlays)
             with atomic_path(run_dir / "metrics.json") as tmp:
                 tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
             if cfg.get("export_encoder"):
