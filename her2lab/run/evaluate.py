@@ -166,6 +166,9 @@ def eval_dir(run_dir: str | None, ckpt_path: str | None, split: str | None, coho
 def _use_new_cohort(cfg: DictConfig, rcfg: DictConfig) -> dict:
     """Point the run's config at the new cohort (its paths resolve against the run's ``paths``);
     returns the run's own cohort config."""
+    if rcfg.data.kind == "patch_folder":
+        raise Her2labError("the run trained on a patch folder (data=patch_folder), not on slides: it has no cohort to "
+                           "replace; evaluate it with split=val|test")
     new = OmegaConf.to_container(cfg.cohort, resolve=False)
     ran = OmegaConf.to_container(rcfg.cohort, resolve=True)
     with open_dict(rcfg):
