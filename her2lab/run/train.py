@@ -112,10 +112,14 @@ def bag_splits(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, list], pd.Data
     table = _exclude(cfg, table, missing, folder, run_dir)
     splits = _by_split(table, lambda r: BagRecord(r.slide_id, str(folder / f"{r.slide_id}.h5"), int(r.label)), cfg)
     if _is_rank_zero():  # what made the features, so that evaluation on other slides can check it
-        first = next(recs[0] for recs in splits.values() if recs)
         with atomic_path(run_dir / "features.json") as tmp:
-            tmp.write_text(json.dumps({"folder": str(folder), **features_identity(first.features_path)}, indent=2))
+            tmp.write_text(json.dumps({"folder": str(folder), **features_identity(_first(splits).features_path)}, indent=2))
     return splits, table
+
+
+def _first(splits: dict[str, list]):
+    """The first record of the first non-empty split."""
+    return next(recs[0] for recs in splits.values() if recs)
 
 
 def _exclude(
@@ -149,9 +153,8 @@ def build_datamodule(cfg: DictConfig, run_dir: Path) -> pl.LightningDataModule:
         if bb.embed_dim is None:  # a timm model by name: the features say their size
             from her2lab.data.bags import read_features
 
-            first = next(recs[0] for recs in splits.values() if recs)
             with open_dict(cfg):
-                cfg.backbone.embed_dim = int(read_features(first.features_path)[0].shape[1])
+                cfg.backbone.embed_dim = int(read_features(_first(splits).features_path)[0].shape[1])
         return build(cfg.data.module, splits=splits, embed_dim=cfg.backbone.embed_dim)
     if kind == "patches":
         tiling = TilingParams(target_mpp=bb.target_mpp, patch_px=bb.input_px, min_tissue=cfg.data.min_tissue)
