@@ -221,6 +221,14 @@ def test_patch_classifier_baseline_scores_slides(tmp_path):
     assert len(preds) == (splits.split == "test").sum()  # one row per slide, not per tile
     assert np.asarray(m["test/confusion_matrix"]).sum() == len(preds)
     assert {"test/auroc", "test/f1", "test/acc", "test/qwk", "val/auroc_best"} <= set(m)
+    # external validation: the new cohort's slides tiled with the run's settings, one prediction per slide
+    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data")}
+    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={run}", "cohort=demo_external", "cohort.stain=ihc",
+                          "cohort.synthetic.n_slides=4", "n_boot=20", f"hydra.run.dir={tmp_path / 'ext'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ext = pd.read_csv(tmp_path / "ext" / "predictions.csv")
+    assert sorted(ext.slide_id) == [f"ext_case{i:03d}_ihc" for i in range(4)]
 
 
 def test_gradcam_finds_the_positive_region_better_than_chance(ihc_thumbs):
