@@ -176,6 +176,16 @@ def _run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
 
 
+def _eval_on_new_ihc_cohort(run: Path, tmp: Path) -> pd.DataFrame:
+    """``eval.py`` of ``run`` on 4 new synthetic IHC slides (into ``tmp/ext``); their predictions."""
+    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp / "data")}
+    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={run}", "cohort=demo_external", "cohort.stain=ihc",
+                          "cohort.synthetic.n_slides=4", "n_boot=20", f"hydra.run.dir={tmp / 'ext'}"],
+                         cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return pd.read_csv(tmp / "ext" / "predictions.csv")
+
+
 SMALL_IHC = ["cohort=demo_ihc", "labels=her2_3way", "cohort.synthetic.n_slides=12", "cohort.synthetic.n_pairs=0", "data.n_folds=3"]
 
 
@@ -196,12 +206,7 @@ def test_convnext_on_thumbnails_runs_with_gradcam(tmp_path):
     assert len(wb) == 1 and b"test/gradcam" in wb[0].read_bytes()  # the overlays are in the W&B run too
     assert len(list(run.glob("wandb/offline-run-*/files/media/images/test/gradcam*"))) == len(preds)
     # external validation: a new IHC cohort, thumbnails made at the run's resolution, Grad-CAM of each slide
-    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data")}
-    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={run}", "cohort=demo_external", "cohort.stain=ihc",
-                          "cohort.synthetic.n_slides=4", "n_boot=20", f"hydra.run.dir={tmp_path / 'ext'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ext = pd.read_csv(tmp_path / "ext" / "predictions.csv")
+    ext = _eval_on_new_ihc_cohort(run, tmp_path)
     assert len(ext) == 4 and ext.slide_id.str.startswith("ext_").all()
     assert len(list((tmp_path / "ext" / "gradcam").glob("*.png"))) == 4
     assert "external/auroc" in json.loads((tmp_path / "ext" / "metrics.json").read_text())
@@ -222,12 +227,7 @@ def test_patch_classifier_baseline_scores_slides(tmp_path):
     assert np.asarray(m["test/confusion_matrix"]).sum() == len(preds)
     assert {"test/auroc", "test/f1", "test/acc", "test/qwk", "val/auroc_best"} <= set(m)
     # external validation: the new cohort's slides tiled with the run's settings, one prediction per slide
-    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data")}
-    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={run}", "cohort=demo_external", "cohort.stain=ihc",
-                          "cohort.synthetic.n_slides=4", "n_boot=20", f"hydra.run.dir={tmp_path / 'ext'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ext = pd.read_csv(tmp_path / "ext" / "predictions.csv")
+    ext = _eval_on_new_ihc_cohort(run, tmp_path)
     assert sorted(ext.slide_id) == [f"ext_case{i:03d}_ihc" for i in range(4)]
 
 

@@ -330,7 +330,6 @@ def log_wandb_eval(wcfg: DictConfig, rcfg: DictConfig, run_dir: Path, out: Path,
         if loc is not None:
             logs[f"{split}/localisation"] = wandb.Table(dataframe=loc)
         run.log(logs)
-        run.summary.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
     finally:
         run.finish()
     log.info("W&B run %s (group %s) in %s", run.name, run.group, out / "wandb")
