@@ -28,7 +28,7 @@ def test_valid_manifest_is_normalised(tmp_path):
         (HEADER + "a,P1,a.svs,0,\nb,P2,b.svs,1+,\na,P3,c.svs,0,\n", "duplicate slide_id a on line(s) 2, 4"),
         (HEADER + "a,P1,a.svs,2+,maybe\n", "unknown ish 'maybe'"),
         (HEADER, "no rows"),
-        (HEADER + ",P1,a.svs,0,\n", "empty slide_id or path on line(s) 2"),
+        (HEADER + ",P1,a.svs,0,\n", "empty slide_id on line(s) 2"),
     ],
 )
 def test_bad_manifests_are_one_line_errors(tmp_path, text, needle):

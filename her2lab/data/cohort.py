@@ -3,11 +3,17 @@
 Columns: ``slide_id, patient_id, path, her2_score`` (``0``, ``1+``, ``2+``, ``3+``), optional
 ``ish`` (``pos``/``neg``), ``mpp`` (level-0 µm/px that overrides the slide's metadata),
 ``split`` and ``stain``. Relative paths are relative to the manifest's folder.
+
+Slide ids become file names (tiles, thumbnails, features, heatmaps), so they are held to a safe
+alphabet by :func:`check_slide_id`: nothing derived from a manifest can name a file outside the
+folder it is meant for.
 """
 
 from __future__ import annotations
 
+import csv
 import os
+import unicodedata
 from pathlib import Path
 
 import pandas as pd
@@ -47,12 +53,61 @@ _ISH_ALIASES = {
 }
 
 
+#: Characters allowed in a slide id besides letters and digits (any script).
+SLIDE_ID_PUNCTUATION = " ._-+(),=@~"
+#: Longest slide id, in UTF-8 bytes: file names add up to about 30 bytes to it, within the
+#: 255-byte limit of common file systems.
+SLIDE_ID_MAX_BYTES = 200
+_SLIDE_ID_RULE = (
+    f"slide ids may hold letters, digits, spaces and {' '.join(SLIDE_ID_PUNCTUATION.strip())}, "
+    f"must not start with '.' and are at most {SLIDE_ID_MAX_BYTES} bytes"
+)
+
+
+def slide_id_problem(slide_id: str) -> str | None:
+    """Why ``slide_id`` cannot be used as a file name, or ``None`` if it can."""
+    if not slide_id:
+        return "it is empty"
+    bad = sorted({c for c in slide_id if not (c.isalnum() or c in SLIDE_ID_PUNCTUATION)})
+    if bad:
+        return "it holds " + " ".join(_show_char(c) for c in bad[:5])
+    if slide_id.startswith("."):  # ".", "..", hidden files, and atomic_path's temp-file names
+        return "it starts with '.'"
+    if len(slide_id.encode("utf-8", "surrogatepass")) > SLIDE_ID_MAX_BYTES:
+        return f"it is longer than {SLIDE_ID_MAX_BYTES} bytes"
+    return None
+
+
+def check_slide_id(slide_id: str) -> str:
+    """Return ``slide_id`` if it is safe as a file name (see :data:`SLIDE_ID_PUNCTUATION`).
+
+    Code that builds a path from an id that did not come through :func:`load_manifest` calls this.
+
+    Raises:
+        ManifestError: path separators, ``..``, a leading ``.``, control or other characters
+            outside the allowed set, empty or overlong ids.
+    """
+    problem = slide_id_problem(str(slide_id))
+    if problem:
+        raise ManifestError(f"slide id {str(slide_id)!r}: {problem}; {_SLIDE_ID_RULE}")
+    return str(slide_id)
+
+
+def _show_char(c: str) -> str:
+    """A character as a reader can see it: ``'/'``, or ``U+0009 (control)`` for invisible ones."""
+    if c.isascii() and c.isprintable() and not c.isspace():
+        return repr(c)
+    return f"U+{ord(c):04X} ({unicodedata.name(c, 'control').lower()})"
+
+
 def load_manifest(path: str | os.PathLike, mpp_override: float | None = None) -> pd.DataFrame:
     """Read and validate a manifest; returns a frame with absolute ``path`` and normalised labels.
 
     Raises:
-        ManifestError: missing file or columns, empty manifest, duplicate slide ids, unknown
-            HER2 scores or ISH values. Each message names the manifest, the rows and the fix.
+        ManifestError: missing file or columns, a column given twice, empty manifest, empty
+            required fields, slide ids unfit as file names (see :func:`check_slide_id`),
+            duplicate slide ids (also when they differ only in case), unknown HER2 scores or
+            ISH values. Each message names the manifest, the rows and the fix.
     """
     path = Path(path)
     if not path.is_file():
@@ -66,6 +121,7 @@ def load_manifest(path: str | os.PathLike, mpp_override: float | None = None) ->
             f"{path}: not a readable CSV ({str(exc).splitlines()[0]}); save it as UTF-8 CSV"
         ) from None
     df.columns = [c.strip() for c in df.columns]
+    _check_header(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(
@@ -75,16 +131,32 @@ def load_manifest(path: str | os.PathLike, mpp_override: float | None = None) ->
         raise ManifestError(f"{path}: the manifest has no rows")
     for col in df.columns:
         df[col] = df[col].str.strip()
-    empty = df.index[(df["slide_id"] == "") | (df["path"] == "")]
-    if len(empty):
+    empty = [(c, df.index[df[c] == ""]) for c in REQUIRED_COLUMNS]
+    empty = [f"empty {c} on line(s) {_lines(rows)}" for c, rows in empty if len(rows)]
+    if empty:
+        # An empty patient_id would silently make all such slides one patient.
+        raise ManifestError(f"{path}: {'; '.join(empty)}; fill them in or drop the rows")
+    problems = df["slide_id"].map(slide_id_problem)
+    bad = df.index[problems.notna()]
+    if len(bad):
+        first = bad[0]
         raise ManifestError(
-            f"{path}: empty slide_id or path on line(s) {_lines(empty)}; fill them in or drop the rows"
+            f"{path}: slide_id {df.slide_id[first]!r} on line {first + 2} cannot name files "
+            f"({problems[first]})" + (f", nor can those on line(s) {_lines(bad[1:])}" if len(bad) > 1 else "")
+            + f"; {_SLIDE_ID_RULE}"
         )
     dup = df["slide_id"][df["slide_id"].duplicated(keep=False)]
     if len(dup):
         raise ManifestError(
             f"{path}: duplicate slide_id {', '.join(sorted(set(dup))[:5])} on line(s) {_lines(dup.index)}; "
             "slide ids must be unique"
+        )
+    folded = df["slide_id"].str.casefold()
+    dup = df["slide_id"][folded.duplicated(keep=False)]
+    if len(dup):
+        raise ManifestError(
+            f"{path}: slide_id {', '.join(sorted(set(dup))[:5])} on line(s) {_lines(dup.index)} differ only "
+            "in case; their files would be one file on a case-insensitive disk: make them unique"
         )
     df["her2_score"] = _normalise(df, "her2_score", _SCORE_ALIASES, path, f"use one of {', '.join(HER2_SCORES)}")
     df["ish"] = _normalise(df, "ish", _ISH_ALIASES, path, "use pos, neg or leave empty") if "ish" in df.columns else ""
@@ -103,6 +175,15 @@ def load_manifest(path: str | os.PathLike, mpp_override: float | None = None) ->
     base = path.parent
     df["path"] = [str(p if Path(p).is_absolute() else (base / p)) for p in df["path"]]
     return df.reset_index(drop=True)
+
+
+def _check_header(path: Path) -> None:
+    """A column named twice is an error: pandas would silently read only the first."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        header = [c.strip() for c in next(csv.reader(f), [])]
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:
+        raise ManifestError(f"{path}: column(s) {', '.join(twice)} appear more than once in the header; keep one of each")
 
 
 def _normalise(df: pd.DataFrame, col: str, aliases: dict[str, str], path: Path, fix: str) -> pd.Series:

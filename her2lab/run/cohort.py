@@ -9,21 +9,28 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from her2lab.data.cohort import load_manifest
-from her2lab.errors import ManifestError
+from her2lab.errors import Her2labError, ManifestError
 from her2lab.io import ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
 
 def resolve_cohort(cohort: DictConfig, num_workers: int = 1) -> pd.DataFrame:
-    """Load the cohort's manifest; a synthetic cohort is generated (or completed) first."""
+    """Load the cohort's manifest; a synthetic cohort is generated (or completed) first.
+
+    Every slide id reaching the pipeline comes through here and :func:`load_manifest`, which
+    refuses ids that cannot safely name files.
+    """
     manifest = Path(cohort.manifest)
     synthetic = cohort.get("synthetic")
     if synthetic:
         from her2lab.data.synthetic import SyntheticConfig, generate_cohort
 
+        try:  # before any folder is made
+            syn = SyntheticConfig(**OmegaConf.to_container(synthetic, resolve=True))
+        except (TypeError, ValueError) as exc:  # unknown keys, impossible sizes, unsafe id_prefix
+            raise Her2labError(f"cohort.synthetic: {str(exc).splitlines()[0]}; fix the cohort config") from None
         root = ensure_writable_dir(cohort.root, "demo cohort folder")
-        syn = SyntheticConfig(**OmegaConf.to_container(synthetic, resolve=True))
         manifest = generate_cohort(root, syn, num_workers=num_workers)
         log.info(
             "synthetic cohort %s: %d %s slides in %s", cohort.name, syn.n_slides, syn.stain, root
