@@ -25,6 +25,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     A killed process leaves at most a ``.tmp`` file behind, never a half-written ``path``.
+    The file gets the mode a plain ``open()`` would give it (``0o666`` less the umask), so a
+    group-shared data folder stays shared.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,16 +37,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes the file 0600 whatever the umask.
+        with contextlib.suppress(PermissionError):  # disks without Unix modes (some SMB mounts)
+            os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _umask_at_import() -> int:
+    # os.umask can only be read by setting it; done once, before any thread of ours runs.
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (setting it to read it races with threads).
+
+    Linux reports it in ``/proc/self/status``; elsewhere the umask at import time is used.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
