@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
+from her2lab.data.cohort import slide_id_problem
 from her2lab.io import atomic_path, param_hash
 from her2lab.progress import progress_bar
 
@@ -86,6 +87,10 @@ class SyntheticConfig:
             )
         self.downsamples = tuple(int(d) for d in self.downsamples)
         self.scores = tuple(str(s) for s in self.scores)
+        # The prefix becomes part of file names: hold it to the manifest's rule for slide ids.
+        problem = slide_id_problem(f"{self.id_prefix}case000_{self.stain}")
+        if problem:
+            raise ValueError(f"synthetic id_prefix {self.id_prefix!r} cannot start file names: {problem}")
 
 
 @dataclass
@@ -133,7 +138,8 @@ def generate_cohort(
     """Write slides, masks and ``manifest.csv`` under ``out_dir``; return the manifest path.
 
     Idempotent: slides already written with the same parameters are kept, so an interrupted
-    generation resumes where it stopped.
+    generation resumes where it stopped. A slide is done when its TIFF and its three masks
+    exist; the TIFF is written last, so a slide whose masks are missing is made again whole.
     """
     cfg = cfg or SyntheticConfig()
     out_dir = Path(out_dir)
@@ -146,15 +152,13 @@ def generate_cohort(
         old = json.loads(meta_path.read_text())
         if old.get("param_hash") != h:
             # Other parameters: regenerate everything rather than mixing two cohorts.
-            for p in (out_dir / "slides").glob("*.tiff"):
+            for p in [*(out_dir / "slides").glob("*.tiff"), *(out_dir / "masks").glob("*.png")]:
                 p.unlink()
     with atomic_path(meta_path) as tmp:
         tmp.write_text(json.dumps({"param_hash": h, "params": params}, indent=2, default=list))
 
     table = cohort_table(cfg)
-    todo = [
-        r for r in table.itertuples() if not (out_dir / "slides" / f"{r.slide_id}.tiff").exists()
-    ]
+    todo = [r for r in table.itertuples() if not _case_done(out_dir, r.slide_id)]
     jobs = [(cfg, r.case, r.slide_id, r.her2_score, r.ish, out_dir) for r in todo]
     if jobs:
         with progress_bar(
@@ -178,6 +182,16 @@ def generate_cohort(
     return manifest_path
 
 
+MASK_NAMES = ("tissue", "tumour", "positive")
+
+
+def _case_done(out_dir: Path, slide_id: str) -> bool:
+    """A slide and its masks are one unit: done only when all of its files exist."""
+    files = [out_dir / "slides" / f"{slide_id}.tiff"]
+    files += [out_dir / "masks" / f"{slide_id}_{name}.png" for name in MASK_NAMES]
+    return all(f.exists() for f in files)
+
+
 def _write_case_job(job: tuple) -> None:
     cfg, case, slide_id, score, ish, out_dir = job
     write_case(cfg, case, slide_id, score, ish, Path(out_dir))
@@ -186,20 +200,25 @@ def _write_case_job(job: tuple) -> None:
 def write_case(
     cfg: SyntheticConfig, case: int, slide_id: str, score: str, ish: str, out_dir: Path
 ) -> Path:
-    """Render one slide and write it (atomically) with its ground-truth masks."""
+    """Render one slide and write it (atomically) with its ground-truth masks.
+
+    The masks are written first and the slide last: the slide's TIFF marks the case as done.
+    """
     geom = case_geometry(cfg, case, score)
-    rgb = render_slide(cfg, case, geom, score, ish)
-    path = out_dir / "slides" / f"{slide_id}.tiff"
-    with atomic_path(path) as tmp:
-        write_pyramid_tiff(tmp, rgb, cfg.mpp, cfg.downsamples, cfg.tile_px, cfg.jpeg_quality)
+    rgb = render_slide(cfg, case, geom, score, ish)  # also makes geom agree with the pixels
     mask_w = round(cfg.width_px * cfg.mpp / cfg.mask_mpp)
     mask_h = round(cfg.height_px * cfg.mpp / cfg.mask_mpp)
-    for name in ("tissue", "tumour", "positive"):
+    for name in MASK_NAMES:
         m = cv2.resize(
             getattr(geom, name).astype(np.float32), (mask_w, mask_h), interpolation=cv2.INTER_AREA
         )
         with atomic_path(out_dir / "masks" / f"{slide_id}_{name}.png") as tmp:
-            cv2.imwrite(str(tmp), ((m > 0.5) * 255).astype(np.uint8))
+            # imwrite reports a failed write (e.g. a full disk) only by returning False.
+            if not cv2.imwrite(str(tmp), ((m > 0.5) * 255).astype(np.uint8)):
+                raise OSError(f"{tmp}: writing the {name} mask failed")
+    path = out_dir / "slides" / f"{slide_id}.tiff"
+    with atomic_path(path) as tmp:
+        write_pyramid_tiff(tmp, rgb, cfg.mpp, cfg.downsamples, cfg.tile_px, cfg.jpeg_quality)
     return path
 
 
