@@ -5,20 +5,33 @@ and ``coords`` (N, 2)). Training draws a random sub-bag of ``bag_size`` tiles pe
 time a slide is visited (the H&E-HER2 study used 100); validation and test use every tile, so
 each slide gets exactly one prediction. Bags of different sizes are padded into a batch with a
 mask (True = real tile).
+
+Features are kept in the file's dtype (float16 files stay at 2 bytes a value; the nets cast
+chunk by chunk), so a cached bag costs what its file does, and a lone bag (the evaluation batch
+of one) goes to the model as a view, not a copy.
+
+Non-finite values (NaN/Inf: a broken tile, a float16 overflow in the encoder) are checked once
+per file, when it is read. ``nonfinite="error"`` (the default, ``data.nonfinite``) refuses the
+file with a message naming it and its bad rows; ``"drop_tiles"`` leaves those tiles out, logs a
+warning and lists them (:attr:`BagDataModule.excluded_tiles`, written as ``excluded_tiles.csv``).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from her2lab.errors import Her2labError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,8 +41,37 @@ class BagRecord:
     label: int
 
 
-def read_features(path: str | Path, expect_dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``features`` (N, D) float32 and ``coords`` (N, 2) of one slide; one-line errors for bad files."""
+NONFINITE = ("error", "drop_tiles")
+
+
+def nonfinite_rows(feats: np.ndarray) -> np.ndarray:
+    """(N,) bool, True where a row of ``feats`` (N, D) holds a NaN or an Inf.
+
+    One pass with a float64 row sum (NaN and Inf propagate; finite float16/32 values cannot
+    overflow it), so no (N, D) temporary is made.
+    """
+    return ~np.isfinite(feats.sum(axis=1, dtype=np.float64))
+
+
+def load_bag(
+    path: str | Path, expect_dim: int | None = None, nonfinite: str = "error"
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``features`` (N, D), ``coords`` (N, 2) and the number of tiles left out, of one slide.
+
+    Features keep the file's dtype when it is float16 or float32 (anything else becomes float32).
+
+    Args:
+        path: a features h5 (her2lab's, TRIDENT's or CLAM's layout).
+        expect_dim: the feature size the model expects, or None.
+        nonfinite: ``error``: a row with NaN/Inf is a one-line error; ``drop_tiles``: such rows
+            (and their coords) are left out, with a warning.
+
+    Raises:
+        Her2labError: missing or unreadable file, empty bag, wrong feature size, non-finite rows
+            (``error``) or no finite row at all (``drop_tiles``).
+    """
+    if nonfinite not in NONFINITE:
+        raise Her2labError(f"data.nonfinite={nonfinite!r}: use {' or '.join(NONFINITE)}")
     try:
         with h5py.File(path, "r") as f:
             feats = f["features"][:]
@@ -47,7 +89,31 @@ def read_features(path: str | Path, expect_dim: int | None = None) -> tuple[np.n
             f"{path}: {feats.shape[1]}-d features but the model expects {expect_dim}; "
             "match backbone.embed_dim to the features (or re-extract)"
         )
-    return feats.astype(np.float32), coords
+    if feats.dtype not in (np.float16, np.float32):  # float64 would double the cache; ints are not features
+        feats = feats.astype(np.float32)
+    bad = nonfinite_rows(feats)
+    n_bad = int(bad.sum())
+    if n_bad and nonfinite == "error":
+        raise Her2labError(
+            f"{path}: {n_bad} of {len(feats)} tiles have non-finite features (NaN/Inf, first at row "
+            f"{int(np.argmax(bad))}); re-extract the slide, or set data.nonfinite=drop_tiles to leave those tiles out"
+        )
+    if n_bad == len(feats):
+        raise Her2labError(f"{path}: no finite tile (all {n_bad} rows hold NaN/Inf); re-extract the slide")
+    if n_bad:
+        log.warning("%s: %d of %d tiles have non-finite features (NaN/Inf); left out (data.nonfinite=drop_tiles)",
+                    path, n_bad, len(feats))
+        feats, coords = feats[~bad], coords[~bad] if len(coords) == len(bad) else coords
+    return feats, coords, n_bad
+
+
+def read_features(
+    path: str | Path, expect_dim: int | None = None, nonfinite: str = "error"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``features`` (N, D) in the file's float dtype and ``coords`` (N, 2) of one slide; one-line
+    errors for bad files (see :func:`load_bag`)."""
+    feats, coords, _ = load_bag(path, expect_dim, nonfinite)
+    return feats, coords
 
 
 IDENTITY_ATTRS = ("encoder", "encoder_source", "encoder_weights_sha256", "input_px", "target_mpp", "patch_px")
@@ -67,20 +133,33 @@ def features_identity(path: str | Path) -> dict:
 
 
 class BagDataset(Dataset):
-    """item → (features (n, D) float32 tensor, label, index)."""
+    """item → (features (n, D) tensor in the file's dtype, label, index).
+
+    ``in_memory``: every file is read (and checked) once, here; otherwise at each visit.
+    ``excluded_tiles``: slide id → (tiles in the file, tiles left out), for ``drop_tiles``.
+    """
 
     def __init__(
-        self, records: list[BagRecord], bag_size: int | None, train: bool, in_memory: bool, dim: int | None, seed: int
+        self, records: list[BagRecord], bag_size: int | None, train: bool, in_memory: bool, dim: int | None, seed: int,
+        nonfinite: str = "error",
     ) -> None:
         self.records, self.bag_size, self.train, self.dim, self.seed = records, bag_size, train, dim, seed
-        self.cache = [read_features(r.features_path, dim)[0] for r in records] if in_memory else None
+        self.nonfinite = nonfinite
+        self.excluded_tiles: dict[str, tuple[int, int]] = {}
+        self.cache = [self._read(i) for i in range(len(records))] if in_memory else None
         self.epoch = 0  # set by BagSampler.set_epoch: sub-bags depend on (seed, slide, epoch) only
+
+    def _read(self, i: int) -> np.ndarray:
+        feats, _, dropped = load_bag(self.records[i].features_path, self.dim, self.nonfinite)
+        if dropped:
+            self.excluded_tiles[self.records[i].slide_id] = (len(feats) + dropped, dropped)
+        return feats
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int):
-        feats = self.cache[i] if self.cache is not None else read_features(self.records[i].features_path, self.dim)[0]
+        feats = self.cache[i] if self.cache is not None else self._read(i)
         if self.train and self.bag_size and len(feats) > self.bag_size:
             rng = np.random.default_rng((self.seed, i, self.epoch))
             feats = feats[np.sort(rng.choice(len(feats), self.bag_size, replace=False))]
@@ -88,15 +167,25 @@ class BagDataset(Dataset):
 
 
 def pad_bags(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """List of (n_i, D) bags → features (B, N, D), mask (B, N), labels (B,), indices (B,)."""
+    """List of (n_i, D) bags → features (B, N, D), mask (B, N), labels (B,), indices (B,).
+
+    The features keep the bags' dtype (the model casts); a batch of one bag is a view of it.
+    """
+    labels, indices = torch.tensor([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
+    if len(batch) == 1:  # the evaluation batch: no padding, so no copy of a possibly huge bag
+        f = batch[0][0]
+        return f[None], torch.ones(1, len(f), dtype=torch.bool), labels, indices
     n = max(len(b[0]) for b in batch)
     d = batch[0][0].shape[1]
-    x = torch.zeros(len(batch), n, d)
+    dtype = batch[0][0].dtype
+    for b in batch[1:]:
+        dtype = torch.promote_types(dtype, b[0].dtype)
+    x = torch.zeros(len(batch), n, d, dtype=dtype)
     mask = torch.zeros(len(batch), n, dtype=torch.bool)
     for i, (f, _, _) in enumerate(batch):
         x[i, : len(f)] = f
         mask[i, : len(f)] = True
-    return x, mask, torch.tensor([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
+    return x, mask, labels, indices
 
 
 class BagSampler(DistributedSampler):
@@ -180,8 +269,12 @@ class BagDataModule(SlideLoaders, pl.LightningDataModule):
         in_memory: bool = True,
         num_workers: int = 0,
         seed: int = 0,
+        nonfinite: str = "error",
     ) -> None:
         super().__init__()
+        if nonfinite not in NONFINITE:
+            raise Her2labError(f"data.nonfinite={nonfinite!r}: use {' or '.join(NONFINITE)}")
+        self.nonfinite = nonfinite
         self.splits = splits
         self.embed_dim, self.bag_size = embed_dim, bag_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -194,5 +287,23 @@ class BagDataModule(SlideLoaders, pl.LightningDataModule):
             if recs and name not in self.datasets:
                 train = name == "train"
                 self.datasets[name] = BagDataset(
-                    recs, self.bag_size if train else None, train, self.in_memory, self.embed_dim, self.seed
+                    recs, self.bag_size if train else None, train, self.in_memory, self.embed_dim, self.seed, self.nonfinite
                 )
+
+    @property
+    def excluded_tiles(self) -> pd.DataFrame:
+        """Tiles left out for non-finite features (``data.nonfinite=drop_tiles``), one row per
+        slide: ``slide_id, tiles, dropped, reason`` (empty when none were)."""
+        rows = [{"slide_id": sid, "tiles": n, "dropped": k, "reason": "non-finite features"}
+                for ds in self.datasets.values() for sid, (n, k) in ds.excluded_tiles.items()]
+        return pd.DataFrame(rows, columns=["slide_id", "tiles", "dropped", "reason"]).sort_values("slide_id", ignore_index=True)
+
+
+def write_excluded_tiles(dm, path: Path) -> None:
+    """``excluded_tiles.csv`` when a datamodule left tiles out (nothing is written otherwise)."""
+    table = getattr(dm, "excluded_tiles", None)
+    if table is not None and len(table):
+        from her2lab.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, index=False)

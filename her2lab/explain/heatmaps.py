@@ -13,6 +13,7 @@ model's forward pass on the whole bag.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -55,31 +56,49 @@ class SlideAttention:
 
 @torch.no_grad()
 def bag_attention(net: nn.Module, features_path: str | Path, probs_of, chunk: int = 8192) -> SlideAttention:
-    """Attention of every tile of one slide, read and scored ``chunk`` tiles at a time."""
+    """Attention of every tile of one slide, read and scored ``chunk`` tiles at a time.
+
+    Tiles whose features hold NaN/Inf are left out (as ``data.nonfinite=drop_tiles`` leaves them
+    out of the model's bag; under ``error`` such a file never gets this far).
+    """
+    from her2lab.data.bags import nonfinite_rows
+
     net.eval()
     dev = next(net.parameters()).device
+    dtype = next(net.parameters()).dtype
     with h5py.File(features_path, "r") as f:
         n = len(f["features"])
         coords = f["coords"][:]
         attrs = dict(f.attrs)
+        keep = np.ones(n, bool)
+
+        def tiles(s: int) -> torch.Tensor:
+            """The finite tiles of chunk ``s`` (n, D), in the net's dtype."""
+            x = f["features"][s : s + chunk]
+            keep[s : s + len(x)] = ~nonfinite_rows(x)
+            return torch.as_tensor(x[keep[s : s + len(x)]], device=dev).to(dtype)
+
         scores, tile = [], []
         for s in range(0, n, chunk):
-            h = net.project(torch.as_tensor(f["features"][s : s + chunk], dtype=torch.float32, device=dev))
+            h = net.project(tiles(s))
             tile.append(probs_of(net.classifier(h).float()))
             if hasattr(net, "attention_logits"):
                 scores.append(net.attention_logits(h[None])[0])
         if scores:
             a = torch.softmax(torch.cat(scores), 0)
-            z = 0
+            z, at = 0, 0
             for s in range(0, n, chunk):
-                h = net.project(torch.as_tensor(f["features"][s : s + chunk], dtype=torch.float32, device=dev))
-                z = z + a[s : s + chunk] @ h
+                h = net.project(tiles(s))
+                z = z + a[at : at + len(h)] @ h
+                at += len(h)
             logits = net.classifier(z[None])
-        else:  # pooling baselines: their weights, from the whole bag
-            logits, w = net(torch.as_tensor(f["features"][:], dtype=torch.float32, device=dev)[None])
+        else:  # pooling baselines: their weights, over the whole bag, chunk by chunk
+            x = f["features"][:]
+            x = torch.as_tensor(x if keep.all() else x[keep], device=dev)[None]  # (1, N, D) in the file's dtype
+            logits, w = net(x, chunk=chunk) if "chunk" in inspect.signature(net.forward).parameters else net(x.to(dtype))
             a = w[0]
     return SlideAttention(
-        slide_id=str(attrs.get("slide_id", Path(features_path).stem)), coords=coords.astype(np.int64),
+        slide_id=str(attrs.get("slide_id", Path(features_path).stem)), coords=coords[keep].astype(np.int64),
         attention=a.cpu().numpy().astype(np.float64), probs=probs_of(logits.float())[0].cpu().numpy(),
         tile_probs=torch.cat(tile).cpu().numpy().astype(np.float64),
         patch_px_level0=int(attrs.get("patch_px_level0", 0)), level0_mpp=float(attrs.get("level0_mpp", 0.0)),
@@ -226,10 +245,15 @@ def localisation_auroc(att: SlideAttention, mask: np.ndarray, mask_mpp: float, v
     all or none do)."""
     from sklearn.metrics import roc_auc_score
 
-    c = (att.coords + att.patch_px_level0 / 2) * att.level0_mpp / mask_mpp
-    xs = np.clip(c[:, 0].astype(int), 0, mask.shape[1] - 1)
-    ys = np.clip(c[:, 1].astype(int), 0, mask.shape[0] - 1)
-    inside = mask[ys, xs] > 0
+    inside = tiles_inside(att, mask, mask_mpp)
     if inside.all() or not inside.any():
         return float("nan")
     return float(roc_auc_score(inside, att.attention if values is None else values))
+
+
+def tiles_inside(att: SlideAttention, mask: np.ndarray, mask_mpp: float) -> np.ndarray:
+    """(N,) bool: the tile's centre lies in ``mask`` (an image at ``mask_mpp`` µm/px)."""
+    c = (att.coords + att.patch_px_level0 / 2) * att.level0_mpp / mask_mpp
+    xs = np.clip(c[:, 0].astype(int), 0, mask.shape[1] - 1)
+    ys = np.clip(c[:, 1].astype(int), 0, mask.shape[0] - 1)
+    return mask[ys, xs] > 0

@@ -6,6 +6,11 @@ quadratic-weighted kappa, confusion matrix (test). With an ordinal net the loss 
 cumulative-logit BCE and the metrics see the implied class probabilities. A class absent from a split is reported and
 left out of the macro AUROC (torchmetrics would count it as 0). Test predictions are kept, one
 row per item, for ``predictions.csv``.
+
+Nothing is reported over non-finite numbers: a non-finite training loss stops the run at once
+with an error naming the epoch, the step and the likely causes; items whose class probabilities
+are non-finite at validation/test are kept out of the metrics and, at the end of the epoch, stop
+the run with an error naming them (no metric, no ``predictions.csv`` is written from them).
 """
 
 from __future__ import annotations
@@ -39,7 +44,13 @@ class ClassificationModule(pl.LightningModule):
         monitor: str = "val/auroc",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"], logger=False)
+        # The hyper-parameters go into every checkpoint: plain values only, so that checkpoints
+        # load with torch.load(weights_only=True). The optimiser/scheduler factories (partials)
+        # stay on the module; the checkpoint says what they were, as text.
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.hparams.update({k: plain(v) for k, v in self.hparams.items()},
+                            optimizer=describe(optimizer), scheduler=describe(scheduler))
         self.net = net
         self.class_names = [str(c) for c in (class_names or range(num_classes))]
         if class_weights is not None and len(class_weights) != num_classes:
@@ -57,6 +68,7 @@ class ClassificationModule(pl.LightningModule):
         self.confusion = MulticlassConfusionMatrix(num_classes)
         self.best_val = -float("inf")
         self.test_outputs: list[dict] = []
+        self.nonfinite: dict[str, list[int | None]] = {"val": [], "test": []}  # items with NaN/Inf probabilities
 
     def logits_of(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(logits (B, C), labels (B,), item indices (B,) or None) of a batch."""
@@ -75,6 +87,8 @@ class ClassificationModule(pl.LightningModule):
         logits, y, idx = self.logits_of(batch)
         loss = self.loss(logits, y)
         probs = self.probs(logits.float())
+        if stage != "train" and self.nonfinite_items(stage, probs, idx):
+            return loss  # kept out of every metric; the epoch's end reports them
         self.metrics[f"{stage}_"].update(probs, y)
         if f"{stage}_" in self.per_class:
             self.per_class[f"{stage}_"].update(probs, y)
@@ -87,8 +101,58 @@ class ClassificationModule(pl.LightningModule):
         self.mean_loss[f"{stage}_"].update(loss.detach(), weight=len(y))
         return loss
 
+    def nonfinite_items(self, stage: str, probs: torch.Tensor, idx: torch.Tensor | None) -> bool:
+        """Note the items of ``probs`` (B, C) that hold NaN/Inf; True if there are any."""
+        bad = ~torch.isfinite(probs).all(1)  # (B,)
+        if not bad.any():
+            return False
+        self.nonfinite[stage] += idx[bad.to(idx.device)].tolist() if idx is not None else [None] * int(bad.sum())
+        return True
+
+    def _check_finite(self, stage: str) -> None:
+        """Stop with an error, on every rank, when any item of the epoch had non-finite probabilities."""
+        items = self.nonfinite.get(stage, [])
+        n = torch.tensor(len(items), device=self.device)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            n = self.trainer.strategy.reduce(n, reduce_op="sum")
+        self.nonfinite[stage] = []
+        if int(n) == 0:
+            return
+        names = self._item_names(stage, items)
+        shown = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+        raise Her2labError(
+            f"{stage}: non-finite class probabilities for {'slide' if names else 'items'} {shown or '(other ranks)'} "
+            f"({int(n)} item(s){f', epoch {self.current_epoch}' if stage == 'val' else ''}); no metric is reported over them. The model's weights "
+            "or these slides' features hold NaN/Inf or huge values: check the features, or the checkpoint "
+            "(a diverged run, too high a learning rate)"
+        )
+
+    def _item_names(self, stage: str, items: list[int | None]) -> list[str]:
+        """Slide ids of dataset items where the loader's dataset has records, else ``item <i>``."""
+        loaders = None
+        if self.trainer is not None:
+            loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
+        records = getattr(getattr(loader, "dataset", None), "records", None)
+        names = []
+        for i in sorted(items, key=lambda v: -1 if v is None else v):
+            try:
+                names.append(str(records[i].slide_id))
+            except (TypeError, IndexError, AttributeError):
+                names.append("item" if i is None else f"item {i}")
+        return names
+
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if not torch.isfinite(loss):  # before any backward pass: the weights stay as they were
+            opt = self.trainer.optimizers[0] if self.trainer is not None and self.trainer.optimizers else None
+            lr = f"lr={opt.param_groups[0]['lr']:g}, " if opt is not None else ""
+            raise Her2labError(
+                f"training loss became non-finite ({float(loss)}) at epoch {self.current_epoch}, step {self.global_step}; "
+                f"likely causes: NaN/Inf or huge values in the features, or too high a learning rate ({lr}model.optimizer.lr); "
+                "the run stopped and reports no metrics"
+            )
+        return loss
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -98,6 +162,8 @@ class ClassificationModule(pl.LightningModule):
 
     def _log_epoch(self, stage: str) -> dict:
         # Every collective (metric sync) happens here, in the same order on every rank.
+        if stage in self.nonfinite:
+            self._check_finite(stage)
         if self.mean_loss[f"{stage}_"].update_count == 0:  # nothing seen (e.g. an epoch resumed at its end)
             return {}
         values = self.metrics[f"{stage}_"].compute()
@@ -142,7 +208,24 @@ class ClassificationModule(pl.LightningModule):
             self.test_outputs = [o for part in gathered for o in part]
 
     def configure_optimizers(self):
-        opt = self.hparams.optimizer(params=[p for p in self.parameters() if p.requires_grad])
-        if self.hparams.scheduler is None:
+        opt = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.hparams.scheduler(optimizer=opt), "interval": "epoch"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt), "interval": "epoch"}}
+
+
+def plain(value):
+    """A Hydra/OmegaConf container as plain lists and dicts; anything else as it is."""
+    from omegaconf import Container, OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
+
+
+def describe(factory: Callable | None) -> str | None:
+    """``torch.optim.adam.Adam(lr=0.001, weight_decay=1e-07)`` for an optimiser/scheduler factory."""
+    if factory is None:
+        return None
+    func = getattr(factory, "func", factory)  # functools.partial (Hydra's _partial_), or a class
+    args = [repr(a) for a in getattr(factory, "args", ())]
+    args += [f"{k}={v!r}" for k, v in (getattr(factory, "keywords", None) or {}).items()]
+    return f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}({', '.join(args)})"

@@ -56,6 +56,10 @@ class PatchToSlideModule(ImageClassifierModule):
         if ids:
             probs = torch.stack([aggregate_tiles(torch.stack(self._tiles[s]), self.aggregate, self.top_k) for s in ids])
             y = torch.tensor([self._labels[s] for s in ids])
+            if self.nonfinite_items(stage, probs, torch.tensor(ids)):  # kept out of the metrics; reported at the end
+                ok = torch.isfinite(probs).all(1)  # (S,)
+                probs, y, ids = probs[ok], y[ok], [s for s, k in zip(ids, ok.tolist(), strict=True) if k]
+        if ids:
             probs, y = probs.to(self.device), y.to(self.device)
             self.metrics[f"{stage}_"].update(probs, y)
             self.per_class[f"{stage}_"].update(probs, y)

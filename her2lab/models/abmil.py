@@ -5,6 +5,11 @@ scored by an attention network — plain ``w·tanh(Vh)`` or gated ``w·(tanh(Vh)
 softmax-normalised over the real tiles only (padding gets exactly zero weight, so padding a bag
 changes nothing), pooled by the weighted sum and classified. The attention weights are returned
 for heatmaps.
+
+With ``chunk``, a bag is read ``chunk`` tiles at a time (cast to the net's dtype per chunk):
+projection and attention logits per chunk, the pooled embedding accumulated with a running
+softmax (rescaled when a larger logit appears), so a bag of any size costs one chunk's
+activations, not N × hidden; the result equals the whole-bag pass up to float rounding.
 """
 
 from __future__ import annotations
@@ -59,13 +64,43 @@ class AttentionMIL(nn.Module):
             a = a * torch.sigmoid(self.attn_u(h))  # (B, N, A)
         return self.attn_w(a).squeeze(-1)  # (B, N)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` (B, N, D), ``mask`` (B, N) bool → logits (B, C or C-1), attention (B, N) summing to 1."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (B, N, D), ``mask`` (B, N) bool → logits (B, C or C-1), attention (B, N) summing to 1.
+
+        ``x`` may be in any float dtype (e.g. float16 as stored); ``chunk``: at most this many
+        tiles are projected at a time.
+        """
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        h = self.project(x)  # (B, N, H)
+        if chunk and x.shape[1] > chunk:
+            return self._chunked(x, mask, chunk)
+        h = self.project(x.to(self.attn_v.weight.dtype))  # (B, N, H)
         scores = self.attention_logits(h).masked_fill(~mask, float("-inf"))  # (B, N)
         attn = torch.softmax(scores, dim=1)  # (B, N); padded tiles get exactly 0
         attn = torch.nan_to_num(attn, nan=0.0)  # an empty bag: all-zero attention, not NaN
         z = torch.einsum("bn,bnh->bh", attn, h)  # (B, H)
         return self.classifier(z), attn
+
+    def _chunked(self, x: torch.Tensor, mask: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.attn_v.weight.dtype
+        b = x.shape[0]
+        top = torch.full((b,), float("-inf"), dtype=dtype, device=x.device)  # running max over real tiles
+        total = torch.zeros(b, dtype=dtype, device=x.device)  # Σ exp(score - top)
+        scores, z = [], None
+        for s in range(0, x.shape[1], chunk):
+            h = self.project(x[:, s : s + chunk].to(dtype))  # (B, n, H)
+            sc = self.attention_logits(h).masked_fill(~mask[:, s : s + chunk], float("-inf"))  # (B, n)
+            scores.append(sc)
+            new = torch.maximum(top, sc.max(1).values)  # (B,); -inf while a bag has no real tile yet
+            shift = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+            e = torch.exp(sc - shift[:, None])  # (B, n); padding → 0
+            rescale = torch.exp(top - shift)  # (B,): the sums so far, moved to the new maximum
+            part = torch.einsum("bn,bnh->bh", e, h)  # (B, H)
+            z = part if z is None else z * rescale[:, None] + part
+            total = total * rescale + e.sum(1)
+            top = new
+        attn = torch.nan_to_num(torch.softmax(torch.cat(scores, 1), dim=1), nan=0.0)  # (B, N), as unchunked
+        z = torch.where(total[:, None] > 0, z / total.clamp(min=torch.finfo(dtype).tiny)[:, None], torch.zeros_like(z))
+        return self.classifier(z), attn  # an empty bag pools to zeros, as unchunked

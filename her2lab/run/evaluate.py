@@ -72,6 +72,9 @@ def evaluate(cfg: DictConfig) -> float | None:
         _same_splits(run_dir / "splits.csv", out / "splits.csv")
     _same_features(run_dir / "features.json", out / "features.json")
     dm.setup("test")
+    from her2lab.data.bags import write_excluded_tiles
+
+    write_excluded_tiles(dm, out / "excluded_tiles.csv")  # tiles left out for non-finite features (data.nonfinite)
     ds = "test" if external else split
     if ds not in dm.datasets:
         raise Her2labError(f"split={split}: no slides in it (the run's cohort has {sorted(dm.datasets)})")

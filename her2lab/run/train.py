@@ -151,11 +151,12 @@ def build_datamodule(cfg: DictConfig, run_dir: Path) -> pl.LightningDataModule:
     if kind == "bags":
         splits, _ = bag_splits(cfg, run_dir)
         if bb.embed_dim is None:  # a timm model by name: the features say their size
-            from her2lab.data.bags import read_features
+            from her2lab.data.bags import features_identity
 
-            with open_dict(cfg):
-                cfg.backbone.embed_dim = int(read_features(_first(splits).features_path)[0].shape[1])
-        return build(cfg.data.module, splits=splits, embed_dim=cfg.backbone.embed_dim)
+            with open_dict(cfg):  # the size from the file's header: no read of the whole bag
+                cfg.backbone.embed_dim = int(features_identity(_first(splits).features_path)["dim"])
+        return build(cfg.data.module, splits=splits, embed_dim=cfg.backbone.embed_dim,
+                     nonfinite=cfg.data.get("nonfinite", "error"))
     if kind == "patches":
         tiling = TilingParams(target_mpp=bb.target_mpp, patch_px=bb.input_px, min_tissue=cfg.data.min_tissue)
         splits = prepared_splits(cfg, run_dir, tiling)
@@ -325,7 +326,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         if resume and not Path(resume).is_file():
             raise Her2labError(f"ckpt_path={resume}: no such checkpoint (runs keep checkpoints/last.ckpt)")
         # Our own checkpoints hold the optimiser/scheduler partials in their hyperparameters.
-        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=False if resume else None)
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=False if resume else None)
+        finally:  # tiles left out for non-finite features are listed even when the run stops
+            if zero:
+                from her2lab.data.bags import write_excluded_tiles
+
+                write_excluded_tiles(dm, run_dir / "excluded_tiles.csv")
         ckpt = trainer.checkpoint_callback
         best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
         if best is None:
