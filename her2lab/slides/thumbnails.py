@@ -24,13 +24,20 @@ def save_png(path: str | Path, rgb: np.ndarray) -> None:
 
 
 def resize_to_mpp(img: np.ndarray, img_mpp: float, target_mpp: float) -> np.ndarray:
-    """Rescale an image from ``img_mpp`` to ``target_mpp`` µm/px."""
+    """Downscale an image from ``img_mpp`` to ``target_mpp`` µm/px.
+
+    Raises:
+        ValueError: ``target_mpp`` is finer than ``img_mpp`` (images are never upsampled: read
+            them from the slide at the finer resolution instead).
+    """
     if abs(img_mpp - target_mpp) <= 1e-9 * target_mpp:
         return img
+    if target_mpp < img_mpp:
+        raise ValueError(f"resize_to_mpp: {img_mpp:g} → {target_mpp:g} µm/px would upsample")
     s = img_mpp / target_mpp
     h, w = img.shape[:2]
     size = (max(1, round(w * s)), max(1, round(h * s)))
-    return cv2.resize(img, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
 
 
 def qc_image(

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from her2lab.errors import SlideError
 from her2lab.slides.reader import MPP_REL_TOL, Slide
 
 
@@ -64,16 +65,29 @@ class TileGeometry:
 
 
 def tile_geometry(slide: Slide, params: TilingParams) -> TileGeometry:
-    """Where a tiling's pixels come from on ``slide``."""
+    """Where a tiling's pixels come from on ``slide``.
+
+    Raises:
+        SlideError: a tile would be less than one level-0 pixel (the slide's mpp is wrong, or
+            the tiling far finer than the scan).
+    """
     scale = params.target_mpp / slide.level0_mpp  # level-0 px per target px
     level = slide.level_for_mpp(params.target_mpp)
     ds = slide.level_downsamples[level]
     read_px = round(params.patch_px * scale / ds)
     if abs(read_px - params.patch_px) <= params.patch_px * MPP_REL_TOL / 2:
         read_px = params.patch_px  # the level is at the target: no resampling
+    p0 = params.patch_px * scale
+    if round(p0) < 1 or read_px < 1:
+        raise SlideError(
+            f"{slide.path}: a {params.patch_px}px tile at {params.target_mpp:g} µm/px is {p0:.2g} "
+            f"pixels of this {slide.level0_mpp:.4g} µm/px slide (mpp from {slide.mpp.source}), less "
+            "than one; check the slide's mpp (manifest `mpp` column or cohort.mpp_override) or "
+            "use a coarser tiling.target_mpp"
+        )
     return TileGeometry(
         patch_px=params.patch_px,
-        patch_px_level0=round(params.patch_px * scale),
+        patch_px_level0=round(p0),
         stride_level0=(params.patch_px - params.overlap_px) * scale,
         read_level=level,
         read_px=read_px,
@@ -136,9 +150,20 @@ class TileReader:
     """Reads tiles of one tiling from one slide as RGB uint8 (patch_px, patch_px, 3).
 
     One reader per slide handle; in DataLoader workers each worker makes its own.
+
+    Raises:
+        SlideError: ``geom`` does not fit ``slide`` (a tiles file from an older or foreign
+            prepare, or a slide whose mpp has changed since it was tiled). OpenSlide would
+            return blank tiles for a level it lacks, not an error.
     """
 
     def __init__(self, slide: Slide, geom: TileGeometry) -> None:
+        why = _misfit(slide, geom)
+        if why:
+            raise SlideError(
+                f"{slide.path}: its tiles do not fit the slide ({why}); re-run prepare with "
+                "prepare.overwrite=true"
+            )
         self.slide = slide
         self.geom = geom
         self._interp = cv2.INTER_AREA if geom.read_px > geom.patch_px else cv2.INTER_LINEAR
@@ -151,6 +176,23 @@ class TileReader:
         return img
 
 
+def _misfit(slide: Slide, geom: TileGeometry) -> str:
+    """Why ``geom`` cannot be read from ``slide``, or ``""``."""
+    if min(geom.patch_px, geom.patch_px_level0, geom.read_px) < 1 or not geom.stride_level0 > 0:
+        return (
+            f"tiles of {geom.patch_px_level0} level-0 px, read as {geom.read_px} px, "
+            f"stride {geom.stride_level0:g}"
+        )
+    if not 0 <= geom.read_level < slide.level_count:
+        return f"pyramid level {geom.read_level} asked for, the slide has {slide.level_count}"
+    if abs(geom.level0_mpp - slide.level0_mpp) > MPP_REL_TOL * slide.level0_mpp:
+        return (
+            f"tiled at {geom.level0_mpp:.4g} µm/px, the slide is now {slide.level0_mpp:.4g} µm/px "
+            f"from {slide.mpp.source}"
+        )
+    return ""
+
+
 class ReaderPool:
     """Open :class:`TileReader` s by key, at most ``max_open`` slides at once (least recently used
     closes first). A pool pickled into a DataLoader worker arrives empty: each worker opens its
@@ -160,11 +202,26 @@ class ReaderPool:
     def __init__(self, max_open: int = 4) -> None:
         self.max_open = max_open
         self._open: OrderedDict[int, TileReader] = OrderedDict()
+        self._failed: dict[int, str] = {}  # a slide that failed to open is not retried per tile
 
     def get(self, key: int, slide_path: str, mpp: float | None, geom: TileGeometry) -> TileReader:
+        """The reader of slide ``key``; a :class:`SlideError` when it cannot be opened or read."""
+        if key in self._failed:
+            raise SlideError(self._failed[key])
         r = self._open.get(key)
         if r is None:
-            r = self._open[key] = TileReader(Slide(slide_path, mpp_override=mpp), geom)
+            try:
+                slide = Slide(slide_path, mpp_override=mpp)
+            except SlideError as exc:
+                self._failed[key] = str(exc)
+                raise
+            try:
+                r = TileReader(slide, geom)
+            except SlideError as exc:
+                slide.close()
+                self._failed[key] = str(exc)
+                raise
+            self._open[key] = r
             while len(self._open) > self.max_open:
                 _, old = self._open.popitem(last=False)
                 old.slide.close()
@@ -173,4 +230,4 @@ class ReaderPool:
         return r
 
     def __getstate__(self) -> dict:
-        return {"max_open": self.max_open, "_open": OrderedDict()}
+        return {"max_open": self.max_open, "_open": OrderedDict(), "_failed": {}}

@@ -10,7 +10,7 @@ holes smaller than ``min_hole_area_um2`` are filled (larger holes — fat, lumin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import cv2
 import numpy as np
@@ -41,9 +41,21 @@ def pen_mask(rgb: np.ndarray) -> np.ndarray:
     return green | blue
 
 
-def segment_tissue(rgb: np.ndarray, params: TissueParams | None = None) -> np.ndarray:
-    """Boolean tissue mask (H, W) of an RGB uint8 image taken at ``params.seg_mpp`` µm/px."""
+def segment_tissue(
+    rgb: np.ndarray, params: TissueParams | None = None, mpp: float | None = None
+) -> np.ndarray:
+    """Boolean tissue mask (H, W) of an RGB uint8 image (H, W, 3).
+
+    Args:
+        rgb: the slide at ``mpp`` µm/px.
+        params: segmentation settings.
+        mpp: resolution of ``rgb``; default ``params.seg_mpp``. A slide coarser than ``seg_mpp``
+            is segmented at its own resolution (never upsampled), and the µm-based sizes of
+            ``params`` are converted at that resolution.
+    """
     p = params or TissueParams()
+    if mpp is not None and mpp != p.seg_mpp:
+        p = replace(p, seg_mpp=float(mpp))
     um2_per_px = p.seg_mpp**2
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
     sat = cv2.medianBlur(hsv[..., 1], 3)
