@@ -9,14 +9,22 @@ parameters::
     prepare_report.csv, failures.csv             one row per slide / per failed slide
 
 Every write is atomic; a slide whose outputs exist with the same parameters is skipped, so a
-killed run loses at most the slides in flight. A bad slide is reported and the rest finish.
+killed run loses at most the slides in flight, and its pool workers end with it. A bad slide is
+reported and the rest finish; a full disk stops the run with one line (the slides already written
+stay, and a re-run resumes). A slide coarser than ``tissue.seg_mpp`` is segmented at its own
+resolution, never upsampled; the tiles file's ``mask_mpp`` says which.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -27,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from her2lab import __version__
-from her2lab.errors import Her2labError, SlideError, StaleCacheError
+from her2lab.errors import Her2labError, OutputError, SlideError, StaleCacheError
 from her2lab.io import atomic_path, ensure_writable_dir, param_hash, write_h5
 from her2lab.progress import progress_bar
 from her2lab.slides.reader import Slide
@@ -109,8 +117,12 @@ def check_stale(settings: PrepareSettings, slide_id: str) -> None:
         )
 
 
-def is_done(settings: PrepareSettings, slide_id: str) -> bool:
-    """Outputs exist and were made with the same parameters (hash matches)."""
+def is_done(settings: PrepareSettings, slide_id: str, mpp: float | None = None) -> bool:
+    """Outputs exist and were made with the same parameters (hash matches).
+
+    With ``mpp`` (the manifest's override), also at that level-0 mpp: correcting a slide's mpp
+    re-prepares it instead of keeping tiles cut at the old one.
+    """
     path = settings.tiles_path(slide_id)
     if settings.overwrite or not path.exists() or not settings.thumb_path(slide_id).exists():
         return False
@@ -123,21 +135,51 @@ def is_done(settings: PrepareSettings, slide_id: str) -> bool:
             size = tuple(int(v) for v in f.attrs["slide_size"])
     except (OSError, KeyError, ValueError):
         return False
+    if mpp is not None and abs(level0_mpp - mpp) > 1e-6 * mpp:
+        return False
     return h == tiles_params_hash(settings, level0_mpp, size)
 
 
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_SPACE_FIX = "free space or choose another cohort.cache_dir"
+
+
+def write_error(path: str | os.PathLike, exc: OSError, fix: str = _SPACE_FIX) -> OutputError:
+    """A one-line :class:`OutputError` for a failed write: the file, why ("disk full") and the fix."""
+    full = exc.errno in FULL_DISK_ERRNOS
+    why = f"disk full: {exc.strerror or exc}" if full else (exc.strerror or f"{type(exc).__name__}: {exc}")
+    return OutputError(f"{path}: could not write ({why}); {fix}")
+
+
+def _write(path: Path, write) -> None:
+    """Run ``write()`` for ``path`` (an atomic writer), turning an OS error into a one-line one."""
+    try:
+        write()
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
 def prepare_slide(slide_id: str, path: str, mpp: float | None, settings: PrepareSettings) -> dict:
-    """Segment, tile, thumbnail and QC one slide; returns a report row. Raises on a bad slide."""
+    """Segment, tile, thumbnail and QC one slide; returns a report row.
+
+    Raises:
+        SlideError: a bad slide.
+        OutputError: an output could not be written (nothing half-written is left).
+    """
     t0 = time.perf_counter()
     with Slide(path, mpp_override=mpp, slide_id=slide_id) as slide:
         if settings.thumb_mpp < slide.level0_mpp * 0.999:
             raise SlideError(
                 f"{slide.path}: thumbnail at {settings.thumb_mpp:g} µm/px is finer than the slide's "
-                f"level 0 ({slide.level0_mpp:.3g} µm/px); use a coarser thumb_mpp"
+                f"level 0 ({slide.level0_mpp:.3g} µm/px) from {slide.mpp.source}; thumbnails are "
+                f"never upsampled: use a thumb_mpp ≥ {slide.level0_mpp:.3g} or check the slide's mpp"
             )
-        seg_mpp = settings.tissue.seg_mpp
-        seg_img = slide.read_at_mpp(seg_mpp)
-        mask = segment_tissue(seg_img, settings.tissue)
+        # A slide coarser than seg_mpp is segmented at its own pixels; its mask says so (mask_mpp).
+        seg_img, seg_mpp = slide.read_lowres(settings.tissue.seg_mpp)
+        if seg_mpp != settings.tissue.seg_mpp:
+            log.info("%s: coarser than tissue.seg_mpp=%g; tissue mask at its own %.3g µm/px",
+                     slide_id, settings.tissue.seg_mpp, seg_mpp)
+        mask = segment_tissue(seg_img, settings.tissue, mpp=seg_mpp)
         if not mask.any():
             raise SlideError(
                 f"{slide.path}: no tissue found; check the slide or relax tissue.min_saturation "
@@ -151,13 +193,14 @@ def prepare_slide(slide_id: str, path: str, mpp: float | None, settings: Prepare
                 f"{settings.tiling.target_mpp:g} µm/px has ≥{settings.tiling.min_tissue:g} tissue; "
                 "lower tiling.min_tissue or tiling.patch_px"
             )
-        write_tiles_h5(settings.tiles_path(slide_id), slide, settings, geom, coords, frac, mask)
+        tiles_path = settings.tiles_path(slide_id)
+        _write(tiles_path, lambda: write_tiles_h5(tiles_path, slide, settings, geom, coords, frac, mask, seg_mpp))
         thumb = (
             resize_to_mpp(seg_img, seg_mpp, settings.thumb_mpp)
             if settings.thumb_mpp >= seg_mpp
             else slide.read_at_mpp(settings.thumb_mpp)
         )
-        save_png(settings.thumb_path(slide_id), thumb)
+        _write(settings.thumb_path(slide_id), lambda: save_png(settings.thumb_path(slide_id), thumb))
         if settings.qc:
             title = (
                 f"{slide_id}  {len(coords)} tiles {settings.tiling.name}  "
@@ -172,7 +215,7 @@ def prepare_slide(slide_id: str, path: str, mpp: float | None, settings: Prepare
                 slide.level0_mpp,
                 title,
             )
-            save_png(settings.qc_path(slide_id), qc)
+            _write(settings.qc_path(slide_id), lambda: save_png(settings.qc_path(slide_id), qc))
         return {
             "slide_id": slide_id,
             "status": "done",
@@ -193,8 +236,13 @@ def write_tiles_h5(
     coords: np.ndarray,
     frac: np.ndarray,
     mask: np.ndarray,
+    mask_mpp: float | None = None,
 ) -> None:
-    """Tiles file (see ../shared/DESIGN.md): coords + tissue fraction + mask, attributes say what made it."""
+    """Tiles file: coords + tissue fraction + mask, attributes say what made it.
+
+    ``mask_mpp`` is the mask's actual µm/px (default ``tissue.seg_mpp``; coarser for a slide
+    coarser than that).
+    """
     stat = slide.path.stat()
     attrs = {
         "slide_id": slide.slide_id,
@@ -211,7 +259,7 @@ def write_tiles_h5(
         "stride_level0": geom.stride_level0,
         "read_level": geom.read_level,
         "read_px": geom.read_px,
-        "mask_mpp": settings.tissue.seg_mpp,
+        "mask_mpp": float(mask_mpp or settings.tissue.seg_mpp),
         "tiling": settings.tiling.name,
         "params_json": json.dumps(settings.params(), sort_keys=True),
         "param_hash": tiles_params_hash(settings, slide.level0_mpp, slide.dimensions),
@@ -235,6 +283,8 @@ def _prepare_job(args: tuple) -> dict:
     slide_id, path, mpp, settings = args
     try:
         return prepare_slide(slide_id, path, mpp, settings)
+    except OutputError as exc:  # not the slide's fault: the run stops (``_stop``)
+        return {"slide_id": slide_id, "status": "failed", "error": str(exc), "_stop": True}
     except Her2labError as exc:
         return {"slide_id": slide_id, "status": "failed", "error": str(exc)}
     except Exception as exc:  # a bad slide must not stop the cohort; the reason is reported
@@ -246,6 +296,62 @@ def _prepare_job(args: tuple) -> dict:
         }
 
 
+def die_with_parent(parent_pid: int, use_prctl: bool = True) -> None:
+    """Pool-worker initializer: end this process when the one that started it dies.
+
+    A parent killed with SIGKILL cannot shut its pool down, and its workers would stay blocked on
+    the job queue. On Linux the kernel is asked to send SIGTERM then (``PR_SET_PDEATHSIG``);
+    elsewhere, or when that fails, a thread checks every 0.5 s whether the parent changed.
+
+    Args:
+        parent_pid: pid of the process creating the pool.
+        use_prctl: False forces the watchdog thread.
+    """
+    watched = os.getppid()
+    if watched != parent_pid and not _alive(parent_pid):
+        os._exit(1)  # it died before this worker got here
+    if use_prctl and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+        if armed:
+            if os.getppid() != watched:
+                os._exit(1)  # the parent died between fork and prctl
+            return
+
+    def watch() -> None:
+        while os.getppid() == watched:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="her2lab-parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_pool(num_workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers end when this process dies, even by SIGKILL."""
+    return ProcessPoolExecutor(num_workers, initializer=die_with_parent, initargs=(os.getpid(),))
+
+
+def _write_report(df: pd.DataFrame, path: Path) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            df.to_csv(tmp, index=False)
+    except OSError as exc:
+        raise write_error(path, exc, f"{_SPACE_FIX}; the prepared slides are intact") from None
+
+
 def prepare_cohort(
     manifest: pd.DataFrame, settings: PrepareSettings, num_workers: int = 1, report_suffix: str = ""
 ) -> pd.DataFrame:
@@ -253,6 +359,11 @@ def prepare_cohort(
 
     Writes ``prepare_report{suffix}.csv`` and ``failures{suffix}.csv`` into ``settings.cache_dir``
     (a suffix keeps concurrent shards from overwriting each other's reports).
+
+    Raises:
+        StaleCacheError: outputs exist with other parameters.
+        OutputError: the cache folder is not writable, or fills up: slides in flight finish,
+            the others are left ``not run``, the reports are written if they can be.
     """
     ensure_writable_dir(settings.cache_dir, "cohort cache folder")
     for sid in manifest["slide_id"]:
@@ -260,27 +371,39 @@ def prepare_cohort(
     rows: list[dict] = []
     todo = []
     for r in manifest.itertuples():
-        if is_done(settings, r.slide_id):
+        mpp = None if pd.isna(r.mpp) else float(r.mpp)
+        if is_done(settings, r.slide_id, mpp):
             rows.append({"slide_id": r.slide_id, "status": "skipped", "error": ""})
         else:
-            mpp = None if pd.isna(r.mpp) else float(r.mpp)
             todo.append((r.slide_id, r.path, mpp, settings))
     if rows:
         log.info("%d slide(s) already prepared with the same parameters: skipped", len(rows))
+    stop = ""
     if todo:
         with progress_bar(
             f"preparing {len(todo)} slides ({settings.tiling.name})", len(todo)
         ) as advance:
             if num_workers > 1 and len(todo) > 1:
-                with ProcessPoolExecutor(min(num_workers, len(todo))) as pool:
+                with worker_pool(min(num_workers, len(todo))) as pool:
                     futures = [pool.submit(_prepare_job, job) for job in todo]
                     for fut in as_completed(futures):
+                        if fut.cancelled():
+                            continue
                         rows.append(fut.result())
                         advance()
+                        if rows[-1].pop("_stop", False) and not stop:
+                            stop = rows[-1]["error"]
+                            for f in futures:  # slides in flight finish, the others wait
+                                f.cancel()
             else:
                 for job in todo:
                     rows.append(_prepare_job(job))
                     advance()
+                    if rows[-1].pop("_stop", False):
+                        stop = rows[-1]["error"]
+                        break
+    seen = {r["slide_id"] for r in rows}
+    rows += [{"slide_id": sid, "status": "not run", "error": ""} for sid, *_ in todo if sid not in seen]
     order = {sid: i for i, sid in enumerate(manifest["slide_id"])}
     report = (
         pd.DataFrame(rows)
@@ -288,13 +411,17 @@ def prepare_cohort(
         .reset_index(drop=True)
     )
     report = report.merge(manifest[["slide_id", "path"]], on="slide_id", how="left")
-    with atomic_path(settings.cache_dir / f"prepare_report{report_suffix}.csv") as tmp:
-        report.to_csv(tmp, index=False)
     failures = report[report["status"] == "failed"][["slide_id", "path", "error"]]
-    with atomic_path(settings.cache_dir / f"failures{report_suffix}.csv") as tmp:
-        failures.to_csv(tmp, index=False)
-    for r in failures.itertuples():
+    for r in failures.itertuples():  # logged first: the reports below may not get written
         log.warning("failed: %s", r.error)
+    report_path = settings.cache_dir / f"prepare_report{report_suffix}.csv"
+    try:
+        _write_report(report, report_path)
+        _write_report(failures, settings.cache_dir / f"failures{report_suffix}.csv")
+    except OutputError as exc:
+        if not stop:
+            raise
+        log.warning("%s", exc)  # the write error that stopped the run is the one to report
     counts = report["status"].value_counts().to_dict()
     log.info(
         "prepared %d, skipped %d, failed %d of %d slides; report: %s",
@@ -302,6 +429,11 @@ def prepare_cohort(
         counts.get("skipped", 0),
         counts.get("failed", 0),
         len(report),
-        settings.cache_dir / f"prepare_report{report_suffix}.csv",
+        report_path,
     )
+    if stop:
+        raise OutputError(
+            f"{stop}; {counts.get('done', 0) + counts.get('skipped', 0)} prepared slides are intact "
+            "and a re-run resumes"
+        )
     return report
