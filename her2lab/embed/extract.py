@@ -7,7 +7,7 @@ uint8 NHWC; conversion, normalisation and channels-last layout happen on the dev
 pass. Features are checked for NaN/Inf and written atomically (float16 by default).
 
 Output: ``features/{tiling}/{backbone}/{slide}.h5`` with ``features`` (N, D), ``coords`` (N, 2)
-and attributes naming the encoder, its weights and the tiling (see ../shared/DESIGN.md).
+and attributes naming the encoder, its weights and the tiling.
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ from her2lab.progress import progress_bar
 from her2lab.slides.tiling import ReaderPool, TileGeometry
 
 log = logging.getLogger(__name__)
+
+#: Attributes a tiles file from ``python -m her2lab.prepare`` always has.
+TILES_KEYS = (
+    "patch_px", "patch_px_level0", "stride_level0", "read_level", "read_px", "level0_mpp",
+    "target_mpp", "mpp_source", "tiling", "param_hash",
+)
 
 #: Attributes compared to decide whether an existing features file is stale.
 IDENTITY_KEYS = (
@@ -111,7 +117,13 @@ class SlideTiles:
 
 
 def load_slide_tiles(tiles_path: Path, slide_id: str, slide_path: str, mpp: float | None) -> SlideTiles:
-    """Read a tiles file and check the slide it describes is still the one at ``slide_path``."""
+    """Read a tiles file and check the slide it describes is still the one at ``slide_path``.
+
+    Raises:
+        SlideError: missing, corrupt or foreign tiles file (e.g. a CLAM/TRIDENT patch file, whose
+            attributes are not these), impossible geometry (an older prepare of a slide with a
+            wrong mpp), or a slide that moved or changed since it was tiled.
+    """
     try:
         with h5py.File(tiles_path, "r") as f:
             coords = f["coords"][:]
@@ -122,6 +134,35 @@ def load_slide_tiles(tiles_path: Path, slide_id: str, slide_path: str, mpp: floa
         raise SlideError(
             f"{tiles_path}: corrupt tiles file ({type(exc).__name__}); delete it and re-run prepare"
         ) from None
+    missing = [k for k in TILES_KEYS if k not in attrs]
+    if missing:
+        raise SlideError(
+            f"{tiles_path}: not a her2lab tiles file (no {', '.join(missing[:3])} attribute"
+            f"{'s' if len(missing) > 1 else ''}; another tool's patch file?); run python -m her2lab.prepare "
+            "for this slide"
+        )
+    try:
+        geom = TileGeometry(
+            patch_px=int(attrs["patch_px"]),
+            patch_px_level0=int(attrs["patch_px_level0"]),
+            stride_level0=float(attrs["stride_level0"]),
+            read_level=int(attrs["read_level"]),
+            read_px=int(attrs["read_px"]),
+            level0_mpp=float(attrs["level0_mpp"]),
+        )
+    except (TypeError, ValueError) as exc:
+        raise SlideError(f"{tiles_path}: corrupt tiles attributes ({exc}); re-run prepare with prepare.overwrite=true") from None
+    if min(geom.patch_px, geom.patch_px_level0, geom.read_px) < 1 or not geom.stride_level0 > 0:
+        raise SlideError(
+            f"{tiles_path}: tiles of {geom.patch_px_level0} level-0 px (slide at {geom.level0_mpp:.4g} µm/px "
+            f"from {attrs['mpp_source']}: a wrong resolution tag?); fix the slide's mpp and re-run prepare "
+            "with prepare.overwrite=true"
+        )
+    if coords.ndim != 2 or coords.shape[1] != 2 or not np.issubdtype(coords.dtype, np.integer):
+        raise SlideError(
+            f"{tiles_path}: coords are {coords.dtype} {coords.shape}, not (N, 2) integers; re-run prepare "
+            "with prepare.overwrite=true"
+        )
     p = Path(slide_path)
     if not p.exists():
         raise SlideError(
@@ -132,14 +173,6 @@ def load_slide_tiles(tiles_path: Path, slide_id: str, slide_path: str, mpp: floa
             f"{p}: not the file that was tiled ({attrs.get('slide_bytes')} bytes then, {p.stat().st_size} now); "
             "re-run prepare with prepare.overwrite=true"
         )
-    geom = TileGeometry(
-        patch_px=int(attrs["patch_px"]),
-        patch_px_level0=int(attrs["patch_px_level0"]),
-        stride_level0=float(attrs["stride_level0"]),
-        read_level=int(attrs["read_level"]),
-        read_px=int(attrs["read_px"]),
-        level0_mpp=float(attrs["level0_mpp"]),
-    )
     return SlideTiles(slide_id, str(p), mpp, coords, geom, attrs)
 
 
@@ -161,9 +194,13 @@ class TileDataset(Dataset):
             s = self.slides[j]
             tile = self.readers.get(j, s.slide_path, s.mpp, s.geom).read(s.coords[k])
             err = ""
-        except SlideError as exc:  # the slide fails, the run goes on
+        except Exception as exc:  # the slide fails, the run goes on (also for an unforeseen error)
             p = self.slides[j].geom.patch_px
-            tile, err = np.zeros((p, p, 3), np.uint8), str(exc)
+            err = str(exc) if isinstance(exc, SlideError) else (
+                f"{self.slides[j].slide_path}: tile {k} unreadable ({_one_line(exc)}); re-run prepare "
+                "with prepare.overwrite=true"
+            )
+            tile = np.zeros((p, p, 3), np.uint8)
         with warnings.catch_warnings():  # PIL's arrays are read-only; the tensor is never written
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(np.ascontiguousarray(tile)), j, k, err
@@ -261,6 +298,11 @@ def check_features_file(path: Path, want: dict, overwrite: bool) -> bool:
         return True
     if overwrite:
         return False
+    if "encoder" not in have or "param_hash" not in have:  # e.g. CLAM/TRIDENT features, same layout
+        raise StaleCacheError(
+            f"{path}: a features file not made by her2lab (no encoder attributes); move it out of "
+            "this folder, or set extract.overwrite=true to replace it"
+        )
     diffs = [f"{k}={have.get(k)!r} (now {want[k]!r})" for k in IDENTITY_KEYS if have.get(k) != want[k]]
     raise StaleCacheError(f"{path}: made with {', '.join(diffs)}; set extract.overwrite=true or use another backbone name")
 
@@ -307,6 +349,11 @@ def extract_cohort(
             raise
         except Her2labError as exc:
             rows.append({"slide_id": slide_id, "status": "failed", "n_tiles": 0, "error": str(exc)})
+            continue
+        except Exception as exc:  # a file no one foresaw fails its slide, not the run
+            log.debug("unexpected error on %s", slide_id, exc_info=True)
+            rows.append({"slide_id": slide_id, "status": "failed", "n_tiles": 0,
+                         "error": f"{tiles_path}: {_one_line(exc)}; re-run prepare with prepare.overwrite=true"})
             continue
         todo.append((tiles, attrs, out))
     if todo:
@@ -370,6 +417,11 @@ def _finish(job: tuple[SlideTiles, dict, Path], feats: np.ndarray, np_dtype: np.
         }
     write_features(out, stored, tiles.coords, attrs)
     return {"slide_id": tiles.slide_id, "status": "done", "n_tiles": len(feats), "seconds": round(seconds, 3), "error": ""}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def shard_of(shard: int | None, num_shards: int | None) -> tuple[int, int]:

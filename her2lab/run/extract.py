@@ -1,4 +1,9 @@
-"""Extraction task: tiles at the encoder's input size (made if missing), then features."""
+"""Extraction task: tiles at the encoder's input size (made if missing), then features.
+
+Beside the features: ``extract_report{shard}.csv`` (one row per slide) and ``failures{shard}.csv``
+(``slide_id, path, stage, error`` for each slide that failed in prepare or extraction). A failed
+slide never stops the others; training then applies its missing-features policy to it.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from her2lab.embed.extract import ExtractSettings, extract_cohort, shard_of
 from her2lab.errors import Her2labError
 from her2lab.io import atomic_path, ensure_writable_dir
 from her2lab.run.cohort import resolve_cohort
-from her2lab.run.prepare import prepare_cohort, settings_from_config
+from her2lab.run.prepare import prepare_cohort, settings_from_config, write_error
 from her2lab.slides.tiling import TilingParams
 
 log = logging.getLogger(__name__)
@@ -53,17 +58,28 @@ def run_extract(cfg: DictConfig, manifest: pd.DataFrame | None = None) -> pd.Dat
     )
     report = extract_cohort(items, encoder, out_dir, settings)
     failed_prep = prep_report[prep_report.status == "failed"][["slide_id", "error"]].assign(status="failed")
-    report = pd.concat([report, failed_prep], ignore_index=True)
-    with atomic_path(out_dir / f"extract_report{_suffix(shard, n_shards)}.csv") as tmp:
-        report.to_csv(tmp, index=False)
+    report = pd.concat([report.assign(stage="extract"), failed_prep.assign(stage="prepare")], ignore_index=True)
+    paths = dict(zip(mine.slide_id, mine.path, strict=True))
+    failures = report[report.status == "failed"].assign(path=lambda d: d.slide_id.map(paths))
+    suffix = _suffix(shard, n_shards)
+    _write_csv(report, out_dir / f"extract_report{suffix}.csv")
+    _write_csv(failures[["slide_id", "path", "stage", "error"]], out_dir / f"failures{suffix}.csv")
     counts = report.status.value_counts().to_dict()
     log.info(
         "%s: embedded %d, skipped %d, failed %d slides → %s", spec.label, counts.get("done", 0),
         counts.get("skipped", 0), counts.get("failed", 0), out_dir,
     )
     if len(report) and (report.status == "failed").all():
-        raise Her2labError(f"every slide failed; see {out_dir / 'extract_report.csv'}")
+        raise Her2labError(f"every slide failed; see {out_dir / f'failures{suffix}.csv'}")
     return report
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            df.to_csv(tmp, index=False)
+    except OSError as exc:
+        raise write_error(path, exc, "free space or move paths.data_dir; the features written are intact") from None
 
 
 def _suffix(shard: int, n_shards: int) -> str:
