@@ -369,7 +369,9 @@ prep.prepare_slide = slow
 if sys.argv[2] == "watchdog":  # the fallback where prctl is unavailable
     from concurrent.futures import ProcessPoolExecutor
 
-    prep.worker_pool = lambda n: ProcessPoolExecutor(n, initializer=prep.die_with_parent, initargs=(os.getpid(), False))
+    from her2lab.pool import die_with_parent
+
+    prep.worker_pool = lambda n: ProcessPoolExecutor(n, initializer=die_with_parent, initargs=(os.getpid(), False))
 manifest = pd.DataFrame({"slide_id": ["a", "b"], "path": ["a.tiff", "b.tiff"], "mpp": [None, None]})
 settings = prep.PrepareSettings(cache_dir=Path(sys.argv[1]) / "cache", tiling=TilingParams(), tissue=TissueParams())
 prep.prepare_cohort(manifest, settings, num_workers=2)
