@@ -209,7 +209,10 @@ def read_state_dict(path: Path, what: str = "weights") -> tuple[dict[str, torch.
                 meta = dict(f.metadata() or {})
                 state = {k: f.get_tensor(k) for k in f.keys()}
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            from her2lab.checkpoint import data_only
+
+            with data_only():  # weights-only: a file that would run code while read is refused
+                obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
                 meta = {k: v for k, v in obj.items() if isinstance(v, str | int | float)}
                 obj = obj["state_dict"]
@@ -221,6 +224,11 @@ def read_state_dict(path: Path, what: str = "weights") -> tuple[dict[str, torch.
     except WeightsError:
         raise
     except Exception as exc:
+        from her2lab.checkpoint import unsafe_global
+
+        if unsafe_global(exc):
+            raise WeightsError(f"{what}: {path} refused: it holds objects beyond tensors ({unsafe_global(exc)}), and "
+                               "loading it could run code; use a .safetensors file or a plain state dict you trust") from None
         raise WeightsError(f"{what}: {path} is not a readable weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
     return state, meta
 
