@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from her2lab.errors import Her2labError
@@ -52,3 +54,20 @@ def her2lab_cause(exc: BaseException) -> Her2labError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+@contextlib.contextmanager
+def explanations_guard(what: str, written: Path) -> Iterator[None]:
+    """Run an explanation step (heatmaps, Grad-CAM) whose failure is logged, never fatal: the
+    metrics (``written``) are on disk before it starts, and the run or evaluation still succeeds.
+
+    A :class:`Her2labError` is one warning line; anything else is logged with its traceback.
+    """
+    try:
+        yield
+    except Exception as exc:
+        cause = her2lab_cause(exc)
+        if cause is not None:
+            log.warning("%s left out: %s (%s is written)", what, cause, written)
+        else:
+            log.exception("%s failed (%s is written); the rest of the run is unaffected", what, written)

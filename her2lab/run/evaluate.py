@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from her2lab.errors import Her2labError
@@ -34,9 +33,11 @@ def _output_dir(cfg: DictConfig) -> Path:
 
 
 def evaluate(cfg: DictConfig) -> float | None:
+    from her2lab.checkpoint import check_fits, load_checkpoint
     from her2lab.eval.bootstrap import patient_bootstrap
     from her2lab.plots import confusion_png, curves_png, reliability_png
     from her2lab.run.cohort import resolve_cohort
+    from her2lab.run.entry import explanations_guard
     from her2lab.run.train import build, build_datamodule, write_predictions
 
     run_dir = find_run_dir(cfg.get("run_dir"), cfg.get("ckpt_path"))
@@ -51,9 +52,9 @@ def evaluate(cfg: DictConfig) -> float | None:
         ckpt = json.loads(metrics_file.read_text()).get("best_checkpoint") if metrics_file.exists() else None
         if not ckpt:
             raise Her2labError(f"{run_dir}: no best checkpoint recorded (unfinished run?); give ckpt_path=…")
-    if not Path(ckpt).is_file():
-        raise Her2labError(f"ckpt_path={ckpt}: no such checkpoint")
+    state = load_checkpoint(ckpt)["state_dict"]  # as data only, before any work: a file that would run code is refused
     rcfg = OmegaConf.load(run_dir / "config.yaml")
+    _check_targets(rcfg, run_dir / "config.yaml", cfg.get("allow_targets") or ())
     split = eval_split(cfg)
     external = split == "external"
     ran_cohort = _use_new_cohort(cfg, rcfg) if external else None
@@ -79,12 +80,8 @@ def evaluate(cfg: DictConfig) -> float | None:
     if ds not in dm.datasets:
         raise Her2labError(f"split={split}: no slides in it (the run's cohort has {sorted(dm.datasets)})")
     module = build(rcfg.model)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False).get("state_dict", {})
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        raise Her2labError(f"{ckpt}: does not fit the run's model ({str(exc).splitlines()[0][:160]}); "
-                           "was it made by another model or encoder?") from None
+    check_fits(module, state, ckpt)
+    module.load_state_dict(state)
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, num_sanity_val_steps=0)
     trainer.test(module, dataloaders=dm._eval(ds))
@@ -105,28 +102,65 @@ def evaluate(cfg: DictConfig) -> float | None:
     ci = patient_bootstrap(preds, n=int(cfg.n_boot), seed=int(cfg.seed))
     with atomic_path(out / "metrics_ci.csv") as tmp:
         ci.to_csv(tmp, index=False)
+    _write_metrics(out, metrics)  # before the explanations: their failure loses nothing
     hm = cfg.get("heatmaps") or {}
     loc = None
     if rcfg.data.kind == "bags" and hm.get("enabled", True):
-        loc = attention_maps(module, dm.datasets[ds], rcfg, out / "heatmaps", limit=hm.get("limit"),
-                             top_k=int(hm.get("top_k", 8)), chunk=int(hm.get("chunk", 8192)))
+        from her2lab.explain.mil_maps import attention_maps
+
+        with explanations_guard("attention maps", out / "metrics.json"):
+            loc = attention_maps(module, dm.datasets[ds], rcfg, out / "heatmaps", limit=hm.get("limit"),
+                                 top_k=int(hm.get("top_k", 8)), chunk=int(hm.get("chunk", 8192)))
         if loc is not None:
             for k in ("attention", "tile_score"):
                 if loc[f"{k}_auroc"].notna().any():
                     metrics[f"{split}/{k}_localisation_auroc"] = float(loc[f"{k}_auroc"].mean())
+            _write_metrics(out, metrics)
     elif rcfg.data.kind == "thumbnail" and hm.get("enabled", True):
         from her2lab.explain.gradcam import save_gradcam
 
-        save_gradcam(module, dm.datasets[ds], module.test_outputs, classes, out / "gradcam",
-                     layer=(rcfg.get("gradcam") or {}).get("layer"), limit=hm.get("limit"))
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        with explanations_guard("Grad-CAM overlays", out / "metrics.json"):
+            save_gradcam(module, dm.datasets[ds], module.test_outputs, classes, out / "gradcam",
+                         layer=(rcfg.get("gradcam") or {}).get("layer"), limit=hm.get("limit"))
     if (cfg.get("wandb") or {}).get("enabled", False):
         log_wandb_eval(cfg.wandb, rcfg, run_dir, out, metrics, preds, classes, ci, loc)
     for r in ci.itertuples():
         log.info("%s %s = %.3f [%.3f, %.3f]", split, r.metric, r.value, r.lo, r.hi)
     log.info("evaluation folder: %s", out)
     return metrics.get(f"{split}/auroc")
+
+
+def _write_metrics(out: Path, metrics: dict) -> None:
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+#: Where the ``_target_``s of the parts evaluation builds from a run folder's config.yaml (``model``,
+#: ``data``) may point: a config from elsewhere names that code, and beyond her2lab's own classes
+#: and torch's optimisers (kept as partials, never called here) it could run anything.
+SAFE_TARGETS = ("her2lab.", "torch.optim.")
+
+
+def _check_targets(rcfg: DictConfig, where: Path, extra: tuple[str, ...] | list[str] = ()) -> None:
+    """A one-line error when the run's ``model`` or ``data`` names a ``_target_`` outside
+    :data:`SAFE_TARGETS` (and ``allow_targets``), before anything is built from it."""
+    allowed = (*SAFE_TARGETS, *(str(p) for p in extra))
+
+    def walk(node, key: str) -> None:
+        if isinstance(node, dict):
+            t = node.get("_target_")
+            if t is not None and not str(t).startswith(allowed):
+                raise Her2labError(f"{where}: {key}._target_={t!r} is not a class of her2lab or torch.optim, and "
+                                   "building it could run any code; if you trust this run, allow it with "
+                                   "allow_targets=[<its module prefix>]")
+            for k, v in node.items():
+                walk(v, f"{key}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+
+    for part in ("model", "data"):
+        walk(OmegaConf.to_container(rcfg, resolve=False).get(part), part)
 
 
 def eval_split(cfg: DictConfig) -> str:
@@ -234,53 +268,6 @@ def _same_splits(ran: Path, now: Path) -> None:
     b = pd.read_csv(now, dtype=str).sort_values("slide_id").reset_index(drop=True)
     if not a[["slide_id", "split"]].equals(b[["slide_id", "split"]]):
         raise Her2labError(f"the cohort's splits differ from the run's ({ran}): has the manifest changed since training?")
-
-
-def attention_maps(module, dataset, rcfg: DictConfig, out: Path, limit: int | None = 16, top_k: int = 8,
-                   chunk: int = 8192) -> pd.DataFrame | None:
-    """Heatmaps, tile montage and GeoJSON per slide; with ground-truth positive masks (the demo),
-    ``localisation.csv``: per slide with some positive tissue, the AUROC of attention and of the
-    tile score for tiles inside the positive region."""
-    import cv2
-
-    from her2lab.explain.heatmaps import (
-        bag_attention,
-        evidence_png,
-        geojson,
-        heatmap_png,
-        localisation_auroc,
-        montage_png,
-    )
-    from her2lab.run.prepare import settings_from_config
-    from her2lab.slides.tiling import TilingParams
-
-    out.mkdir(parents=True, exist_ok=True)
-    prep = settings_from_config(rcfg, TilingParams(**OmegaConf.to_container(rcfg.tiling, resolve=True)))
-    masks = Path(str(rcfg.cohort.get("root") or "")) / "masks" if rcfg.cohort.get("synthetic") else None
-    mask_mpp = float((rcfg.cohort.get("synthetic") or {}).get("mask_mpp", 8.0))
-    classes = [str(c) for c in rcfg.labels.classes]
-    rows = []
-    for rec in dataset.records[:limit]:
-        att = bag_attention(module.net, rec.features_path, module.probs, chunk=chunk)
-        thumb = cv2.cvtColor(cv2.imread(str(prep.thumb_path(rec.slide_id))), cv2.COLOR_BGR2RGB)
-        title = f"{rec.slide_id}: label {classes[rec.label]}, predicted {classes[int(att.probs.argmax())]} ({att.probs.max():.2f})"
-        heatmap_png(att, thumb, prep.thumb_mpp, out / f"{rec.slide_id}_heatmap.png", title, classes)
-        evidence_png(att, thumb, prep.thumb_mpp, out / f"{rec.slide_id}_evidence.png", title, classes)
-        montage_png(att, out / f"{rec.slide_id}_tiles.png", k=top_k)
-        geojson(att, out / f"{rec.slide_id}.geojson", classes)
-        mask_file = masks / f"{rec.slide_id}_positive.png" if masks else None
-        if mask_file is not None and mask_file.exists():
-            mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE)
-            rows.append({"slide_id": rec.slide_id, "label": classes[rec.label], "n_tiles": len(att.attention),
-                         "attention_auroc": localisation_auroc(att, mask, mask_mpp),
-                         "tile_score_auroc": localisation_auroc(att, mask, mask_mpp, att.tile_score)})
-    log.info("attention maps of %d slide(s) → %s", min(len(dataset.records), limit or 10**9), out)
-    if not rows:
-        return None
-    loc = pd.DataFrame(rows)
-    with atomic_path(out / "localisation.csv") as tmp:
-        loc.to_csv(tmp, index=False)
-    return loc
 
 
 def run_group(rcfg: DictConfig, run_dir: Path) -> str:
