@@ -198,6 +198,13 @@ def test_chunked_forward_equals_the_whole_bag_forward():
                 assert torch.allclose(logits, whole_logits, atol=1e-5), (type(net).__name__, chunk)
                 assert torch.allclose(w, whole_w, atol=1e-5) and (w[1, 700:] == 0).all()
                 assert torch.allclose(w.sum(1), torch.ones(3), atol=1e-5)
+        grads = []  # training on bags longer than a chunk: the same gradients
+        for chunk in (None, 333):
+            net.zero_grad()
+            logits, w = net(x, mask, chunk=chunk)
+            (logits.sum() + (w * torch.arange(1000.0)).sum()).backward()
+            grads.append(torch.cat([q.grad.flatten() for q in net.parameters() if q.grad is not None]))
+        assert torch.allclose(grads[0], grads[1], atol=1e-4 * float(grads[0].abs().max()))
 
 
 def test_the_bag_cache_keeps_float16_and_a_lone_test_bag_is_not_copied(tmp_path):

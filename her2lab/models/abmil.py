@@ -88,11 +88,14 @@ class AttentionMIL(nn.Module):
         b = x.shape[0]
         top = torch.full((b,), float("-inf"), dtype=dtype, device=x.device)  # running max over real tiles
         total = torch.zeros(b, dtype=dtype, device=x.device)  # Σ exp(score - top)
-        scores, z = [], None
+        # one (B, N) buffer, made first: small per-chunk tensors kept between the large
+        # temporaries would fragment the heap and hold memory the loop has freed
+        scores = torch.empty(x.shape[:2], dtype=dtype, device=x.device)
+        z = None
         for s in range(0, x.shape[1], chunk):
             h = self.project(x[:, s : s + chunk].to(dtype))  # (B, n, H)
             sc = self.attention_logits(h).masked_fill(~mask[:, s : s + chunk], float("-inf"))  # (B, n)
-            scores.append(sc)
+            scores[:, s : s + chunk] = sc
             new = torch.maximum(top, sc.max(1).values)  # (B,); -inf while a bag has no real tile yet
             shift = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
             e = torch.exp(sc - shift[:, None])  # (B, n); padding → 0
@@ -101,6 +104,6 @@ class AttentionMIL(nn.Module):
             z = part if z is None else z * rescale[:, None] + part
             total = total * rescale + e.sum(1)
             top = new
-        attn = torch.nan_to_num(torch.softmax(torch.cat(scores, 1), dim=1), nan=0.0)  # (B, N), as unchunked
+        attn = torch.nan_to_num(torch.softmax(scores, dim=1), nan=0.0)  # (B, N), as unchunked
         z = torch.where(total[:, None] > 0, z / total.clamp(min=torch.finfo(dtype).tiny)[:, None], torch.zeros_like(z))
         return self.classifier(z), attn  # an empty bag pools to zeros, as unchunked
