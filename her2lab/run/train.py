@@ -150,11 +150,16 @@ def build_datamodule(cfg: DictConfig, run_dir: Path) -> pl.LightningDataModule:
     bb = cfg.backbone
     if kind == "bags":
         splits, _ = bag_splits(cfg, run_dir)
-        if bb.embed_dim is None:  # a timm model by name: the features say their size
+        given = cfg.data.get("features_dir")
+        if bb.embed_dim is None or given:  # a timm model by name, or features from elsewhere: they say their size
             from her2lab.data.bags import features_identity
 
-            with open_dict(cfg):  # the size from the file's header: no read of the whole bag
-                cfg.backbone.embed_dim = int(features_identity(_first(splits).features_path)["dim"])
+            dim = int(features_identity(_first(splits).features_path)["dim"])  # from the header: no read of the bag
+            if given and bb.embed_dim not in (None, dim):
+                log.info("features in %s are %d-d: backbone.embed_dim=%d (the %s preset says %s)",
+                         given, dim, dim, bb.get("preset") or bb.name, bb.embed_dim)
+            with open_dict(cfg):
+                cfg.backbone.embed_dim = dim
         return build(cfg.data.module, splits=splits, embed_dim=cfg.backbone.embed_dim,
                      nonfinite=cfg.data.get("nonfinite", "error"))
     if kind == "patches":
@@ -192,6 +197,8 @@ def ensure_encoder(cfg: DictConfig, run_dir: Path) -> None:
     (the transfer-learning step, on its own cohort) before embedding the MIL cohort.
     """
     bb = cfg.backbone
+    if cfg.data.get("features_dir"):  # features made elsewhere: the backbone is never built
+        return
     w, exp = bb.get("weights"), bb.get("pretrain_experiment")
     if not (cfg.get("auto_pretrain") and cfg.data.kind == "bags" and exp and w and w != "hub") or Path(w).exists():
         return
@@ -303,6 +310,12 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> float | None:
+    from her2lab.checkpoint import check_fits, check_resumable, data_only, load_checkpoint
+
+    resume = cfg.get("ckpt_path")
+    if resume:  # read as data only, before any work: a file that would run code is refused here
+        ckpt = load_checkpoint(resume)
+        check_resumable(ckpt, resume)
     ensure_encoder(cfg, run_dir)
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision("high")
@@ -314,7 +327,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     if zero:  # again, now that the data have said what they are (e.g. the feature size)
         with atomic_path(run_dir / "config.yaml") as tmp:
             tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # Seeded again: making the data (e.g. building an encoder to extract features) draws random
+    # numbers, and the model's initial weights must not depend on whether the features were cached.
+    pl.seed_everything(int(cfg.seed), workers=True)
     module = build(cfg.model)
+    if resume:
+        check_fits(module, ckpt["state_dict"], resume, "the configured model")
+        del ckpt
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = _instantiate_loggers(cfg)
     trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
@@ -322,12 +341,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         hparams = OmegaConf.to_container(cfg, resolve=True)
         for lg in loggers:
             lg.log_hyperparams(hparams)  # the whole resolved config, so sweeps can be compared
-        resume = cfg.get("ckpt_path")
-        if resume and not Path(resume).is_file():
-            raise Her2labError(f"ckpt_path={resume}: no such checkpoint (runs keep checkpoints/last.ckpt)")
-        # Our own checkpoints hold the optimiser/scheduler partials in their hyperparameters.
-        try:
-            trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=False if resume else None)
+        try:  # checkpoints are read as data only (see her2lab.checkpoint)
+            with data_only():
+                trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
         finally:  # tiles left out for non-finite features are listed even when the run stops
             if zero:
                 from her2lab.data.bags import write_excluded_tiles
@@ -338,7 +354,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         if best is None:
             log.warning("no best checkpoint (no validation metric?): testing the last weights")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=False) if best else trainer.test(module, datamodule=dm)
+        with data_only():  # the best checkpoint may predate a resume (an earlier version's file)
+            trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=True) if best else trainer.test(module, datamodule=dm)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         metrics["best_checkpoint"] = best or ""
         metrics["epochs_trained"] = int(trainer.current_epoch)
@@ -348,21 +365,24 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         if zero:
             if getattr(module, "test_outputs", None):
                 write_predictions(module, dm, cfg, run_dir / "predictions.csv")
-            gc = cfg.get("gradcam") or {}
-            overlays = []
-            if cfg.data.kind == "thumbnail" and gc.get("enabled", True) and module.test_outputs:
-                from her2lab.explain.gradcam import save_gradcam
-
-                overlays = save_gradcam(module, dm.datasets["test"], module.test_outputs, classes, run_dir / "gradcam",
-                                        layer=gc.get("layer"), limit=gc.get("limit"))
             if "test/confusion_matrix" in metrics and classes:
                 from her2lab.plots import confusion_png
 
                 confusion_png(metrics["test/confusion_matrix"], classes, run_dir / "confusion_matrix.png",
                               title=f"{cfg.task_name} fold {cfg.fold} (test)")
-                _log_wandb_test(loggers, module, classes, run_dir / "predictions.csv", overlays)
-            with atomic_path(run_dir / "metrics.json") as tmp:
+            with atomic_path(run_dir / "metrics.json") as tmp:  # before the explanations: their failure loses nothing
                 tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            gc = cfg.get("gradcam") or {}
+            overlays = []
+            if cfg.data.kind == "thumbnail" and gc.get("enabled", True) and module.test_outputs:
+                from her2lab.explain.gradcam import save_gradcam
+                from her2lab.run.entry import explanations_guard
+
+                with explanations_guard("Grad-CAM overlays", run_dir / "metrics.json"):
+                    overlays = save_gradcam(module, dm.datasets["test"], module.test_outputs, classes,
+                                            run_dir / "gradcam", layer=gc.get("layer"), limit=gc.get("limit"))
+            if "test/confusion_matrix" in metrics and classes:
+                _log_wandb_test(loggers, module, classes, run_dir / "predictions.csv", overlays)
             if cfg.get("export_encoder"):
                 export_encoder(module, cfg, Path(cfg.export_encoder), run_dir)
             log.info("run folder: %s", run_dir)
