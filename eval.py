@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from her2lab.run.entry import one_line_errors
+from her2lab.errors import one_line_errors
 from her2lab.run.evaluate import eval_dir, evaluate
 
 OmegaConf.register_new_resolver("her2lab.eval_dir", eval_dir, replace=True)

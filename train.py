@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from her2lab.run.entry import one_line_errors
+from her2lab.errors import one_line_errors
 from her2lab.run.train import train
 
 

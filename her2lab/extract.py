@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from her2lab import CONF_DIR
-from her2lab.run.entry import one_line_errors
+from her2lab.errors import one_line_errors
 from her2lab.run.extract import run_extract
 
 

@@ -9,8 +9,8 @@ import hydra
 from omegaconf import DictConfig
 
 from her2lab import CONF_DIR
+from her2lab.errors import one_line_errors
 from her2lab.run.cohort import resolve_cohort
-from her2lab.run.entry import one_line_errors
 from her2lab.run.prepare import prepare_cohort, settings_from_config
 
 log = logging.getLogger(__name__)

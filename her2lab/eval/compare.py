@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from her2lab.errors import Her2labError
+from her2lab.errors import Her2labError, one_line_errors
 from her2lab.eval.bootstrap import macro_auroc, patient_bootstrap, patient_resamples
 from her2lab.eval.cv import out_of_fold
 from her2lab.io import atomic_path
@@ -100,8 +100,6 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from her2lab.run.entry import one_line_errors
-
     ap = argparse.ArgumentParser(prog="python -m her2lab.compare", description="Compare experiments on the same slides")
     ap.add_argument("folders", type=Path, nargs="+", help="run or sweep folders; the first is the reference")
     ap.add_argument("--out", type=Path, default=Path("."), help="where compare.md and compare.csv go")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from her2lab.errors import Her2labError
+from her2lab.errors import Her2labError, one_line_errors
 from her2lab.eval.bootstrap import patient_bootstrap
 from her2lab.io import atomic_path
 
@@ -106,8 +106,6 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from her2lab.run.entry import one_line_errors
-
     ap = argparse.ArgumentParser(prog="python -m her2lab.cv", description="Cross-validation summary of a sweep folder")
     ap.add_argument("sweep_dir", type=Path)
     ap.add_argument("--n-boot", type=int, default=1000)

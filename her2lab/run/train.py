@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from her2lab.data.labels import label_scheme
 from her2lab.data.patches import SlideRecord
 from her2lab.data.splits import save_splits, split_for_fold
-from her2lab.errors import Her2labError
+from her2lab.errors import Her2labError, her2lab_cause
 from her2lab.io import atomic_path, ensure_writable_dir
 from her2lab.run.cohort import resolve_cohort
 from her2lab.run.prepare import prepare_cohort, settings_from_config
@@ -217,7 +217,6 @@ def ensure_encoder(cfg: DictConfig, run_dir: Path) -> None:
 
 def build(node: DictConfig, **kwargs):
     """``hydra.utils.instantiate`` that lets our one-line errors through unwrapped."""
-    from her2lab.run.entry import her2lab_cause
 
     try:
         return instantiate(node, **kwargs)
@@ -300,7 +299,6 @@ def train(cfg: DictConfig) -> float | None:
     try:
         return _train(cfg, run_dir)
     except Exception as exc:
-        from her2lab.run.entry import her2lab_cause
 
         if _is_rank_zero():  # the sweep summary reads this
             cause = her2lab_cause(exc)
