@@ -1,18 +1,54 @@
-"""Label schemes: manifest HER2 score (+ ISH) → class index.
+"""Label schemes: manifest HER2 score (+ ISH) → class index, one registered function per scheme.
 
 - ``her2_4way``: 0 / 1+ / 2+ / 3+ (the H&E-HER2 study).
 - ``her2_3way``: HER2-0 / HER2-low (1+, or 2+ with negative ISH) / HER2-high (3+, or 2+ with
   positive ISH) — the IHC study's 0 / Low / High.
 - ``binary``: {0, 1+} → negative, {2+, 3+} → positive (the study code's binary variant).
+
+A new scheme is one function: ``@register_label_scheme("name", classes=(...))`` over
+``encode(manifest) -> pd.Series`` of class indices; ``labels.name=name`` then selects it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
 
 from her2lab.errors import ManifestError
+
+#: name → (default class names, encode(manifest) → class index per row)
+_SCHEMES: dict[str, tuple[tuple[str, ...], Callable[[pd.DataFrame], pd.Series]]] = {}
+
+
+def register_label_scheme(name: str, classes: tuple[str, ...] | list[str]):
+    """Decorator: register ``fn(manifest) -> pd.Series`` (class index per row) as scheme ``name``.
+
+    Args:
+        name: the ``labels.name`` that selects the scheme.
+        classes: the default class names, in index order.
+    """
+
+    def deco(fn: Callable[[pd.DataFrame], pd.Series]) -> Callable[[pd.DataFrame], pd.Series]:
+        _SCHEMES[name] = (tuple(str(c) for c in classes), fn)
+        return fn
+
+    return deco
+
+
+def unregister_label_scheme(name: str) -> None:
+    """Remove a registered scheme (no error if it is not there)."""
+    _SCHEMES.pop(name, None)
+
+
+def list_label_schemes() -> list[str]:
+    """Names of the registered label schemes, sorted."""
+    return sorted(_SCHEMES)
+
+
+def _unknown(name: str) -> ManifestError:
+    return ManifestError(f"labels.name={name!r}: use one of {', '.join(list_label_schemes())}")
 
 
 @dataclass(frozen=True)
@@ -22,33 +58,42 @@ class LabelScheme:
 
     def encode(self, manifest: pd.DataFrame) -> pd.Series:
         """Class index per row; raises naming the slides a scheme cannot label."""
-        if self.name == "her2_4way":
-            idx = manifest["her2_score"].map({"0": 0, "1+": 1, "2+": 2, "3+": 3})
-        elif self.name == "binary":
-            idx = manifest["her2_score"].map({"0": 0, "1+": 0, "2+": 1, "3+": 1})
-        elif self.name == "her2_3way":
-            score, ish = manifest["her2_score"], manifest.get("ish", pd.Series("", index=manifest.index))
-            idx = score.map({"0": 0, "1+": 1, "3+": 2})
-            two = score == "2+"
-            idx[two & (ish == "neg")] = 1
-            idx[two & (ish == "pos")] = 2
-            missing = manifest.slide_id[two & ~ish.isin(["pos", "neg"])]
-            if len(missing):
-                raise ManifestError(
-                    f"labels=her2_3way: 2+ slide(s) {', '.join(missing[:5])} have no ISH result; "
-                    "add ish=pos/neg to the manifest or drop them"
-                )
-        else:
-            raise ManifestError(f"labels.name={self.name!r}: use her2_4way, her2_3way or binary")
-        return idx.astype(int)
+        if self.name not in _SCHEMES:
+            raise _unknown(self.name)
+        return _SCHEMES[self.name][1](manifest).astype(int)
 
 
 def label_scheme(name: str, classes: list[str] | tuple[str, ...] | None = None) -> LabelScheme:
-    default = {
-        "her2_4way": ("0", "1+", "2+", "3+"),
-        "her2_3way": ("0", "low", "high"),
-        "binary": ("negative", "positive"),
-    }
-    if name not in default:
-        raise ManifestError(f"labels.name={name!r}: use her2_4way, her2_3way or binary")
-    return LabelScheme(name, tuple(classes) if classes else default[name])
+    """The registered scheme ``name``, with ``classes`` (default: the scheme's own names)."""
+    if name not in _SCHEMES:
+        raise _unknown(name)
+    return LabelScheme(name, tuple(classes) if classes else _SCHEMES[name][0])
+
+
+create_label_scheme = label_scheme
+
+
+@register_label_scheme("her2_4way", classes=("0", "1+", "2+", "3+"))
+def _her2_4way(manifest: pd.DataFrame) -> pd.Series:
+    return manifest["her2_score"].map({"0": 0, "1+": 1, "2+": 2, "3+": 3})
+
+
+@register_label_scheme("binary", classes=("negative", "positive"))
+def _binary(manifest: pd.DataFrame) -> pd.Series:
+    return manifest["her2_score"].map({"0": 0, "1+": 0, "2+": 1, "3+": 1})
+
+
+@register_label_scheme("her2_3way", classes=("0", "low", "high"))
+def _her2_3way(manifest: pd.DataFrame) -> pd.Series:
+    score, ish = manifest["her2_score"], manifest.get("ish", pd.Series("", index=manifest.index))
+    idx = score.map({"0": 0, "1+": 1, "3+": 2})
+    two = score == "2+"
+    idx[two & (ish == "neg")] = 1
+    idx[two & (ish == "pos")] = 2
+    missing = manifest.slide_id[two & ~ish.isin(["pos", "neg"])]
+    if len(missing):
+        raise ManifestError(
+            f"labels=her2_3way: 2+ slide(s) {', '.join(missing[:5])} have no ISH result; "
+            "add ish=pos/neg to the manifest or drop them"
+        )
+    return idx
