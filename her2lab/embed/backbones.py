@@ -11,6 +11,11 @@ Weights come from exactly one place, and the features file records which:
   Lightning checkpoint, or an encoder exported by her2lab's patch-classifier pretraining;
 - ``weights: hub`` — downloaded by timm/torchvision (online only);
 - ``weights: null`` with ``pretrained: false`` — random weights, only when asked for explicitly.
+
+Where an architecture comes from is an extension point: ``backbone.source`` names a builder
+registered with :func:`register_encoder` (``timm`` and ``torchvision`` here). A new source is one
+decorated function ``build(spec, num_classes) -> nn.Module`` (headless at ``num_classes=0``),
+optionally with ``hub=state(spec)`` for ``weights: hub``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +48,67 @@ class WeightsError(Her2labError):
     """Encoder weights cannot be found or do not fit the architecture."""
 
 
+@dataclass(frozen=True)
+class EncoderSource:
+    """A registered ``backbone.source``: how to build its architectures and fetch hub weights."""
+
+    build: Callable[..., nn.Module]  # (spec, num_classes) → module with random weights
+    hub: Callable[..., dict] | None = None  # spec → state dict of the published weights
+
+
+_ENCODERS: dict[str, EncoderSource] = {}
+
+
+def register_encoder(source: str, hub: Callable[..., dict] | None = None):
+    """Decorator: register ``build(spec, num_classes) -> nn.Module`` as ``backbone.source=source``.
+
+    Args:
+        source: the ``backbone.source`` value that selects the builder.
+        hub: ``state(spec) -> dict`` giving the published weights for ``backbone.weights=hub``
+            (``None``: the source has no hub).
+    """
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _ENCODERS[source] = EncoderSource(fn, hub)
+        return fn
+
+    return deco
+
+
+def unregister_encoder(source: str) -> None:
+    """Remove a registered source (no error if it is not there)."""
+    _ENCODERS.pop(source, None)
+
+
+def list_encoders() -> list[str]:
+    """The registered ``backbone.source`` values, sorted."""
+    return sorted(_ENCODERS)
+
+
+def _source(source: str) -> EncoderSource:
+    if source not in _ENCODERS:
+        raise WeightsError(f"backbone.source={source!r}: use one of {', '.join(list_encoders())}")
+    return _ENCODERS[source]
+
+
+def timm_hub_state(name: str, model_kwargs: dict | None, what: str, key: str) -> dict[str, torch.Tensor]:
+    """timm's published weights of ``name`` (headless), or one error saying how to work offline.
+
+    Args:
+        what: the thing being built, for the message (``backbone imagenet``).
+        key: the config key that points at a file instead (``backbone.weights``).
+    """
+    try:
+        import timm
+
+        return timm.create_model(name, pretrained=True, num_classes=0, **(model_kwargs or {})).state_dict()
+    except Exception as exc:  # network, hub, or cache errors all mean the same to the user
+        raise WeightsError(
+            f"{what}: could not fetch pretrained {name} weights from the hub "
+            f"({type(exc).__name__}); offline, point at a file: {key}=/path/to/weights"
+        ) from None
+
+
 @dataclass
 class BackboneSpec:
     """What an encoder is and how to feed it (one ``conf/backbone/*.yaml``)."""
@@ -61,8 +128,8 @@ class BackboneSpec:
     model_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.source not in ("timm", "torchvision"):
-            raise WeightsError(f"backbone.source={self.source!r}: use 'timm' or 'torchvision'")
+        if self.source not in _ENCODERS:
+            raise WeightsError(f"backbone.source={self.source!r}: use one of {', '.join(list_encoders())}")
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
         self.model_kwargs = dict(self.model_kwargs or {})
@@ -104,25 +171,43 @@ class Encoder(nn.Module):
 
 def create_model(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
     """Architecture with random weights; ``num_classes=0`` gives the headless encoder's module."""
-    if spec.source == "torchvision":
-        import torchvision
+    return _source(spec.source).build(spec, num_classes)
 
-        try:
-            fn = getattr(torchvision.models, spec.name)
-        except AttributeError:
-            raise WeightsError(f"backbone.name={spec.name!r} is not a torchvision model") from None
-        model = fn(weights=None, **spec.model_kwargs)
-        if spec.name == "alexnet":
-            if not num_classes:
-                return model.features  # conv part only, as the study used it
-            # The study's patch classifier: AlexNet conv features → 2×2 pool → classes.
-            model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
-            model.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(256 * 2 * 2, num_classes))
-            return model
-        if hasattr(model, "fc"):
-            model.fc = nn.Linear(model.fc.in_features, num_classes) if num_classes else nn.Identity()
-            return model
-        raise WeightsError(f"backbone.name={spec.name!r}: only AlexNet and ResNet-style torchvision models; use timm")
+
+def _torchvision_hub(spec: BackboneSpec) -> dict[str, torch.Tensor]:
+    import torchvision
+
+    return torchvision.models.get_model_weights(spec.name).DEFAULT.get_state_dict(progress=False)
+
+
+@register_encoder("torchvision", hub=_torchvision_hub)
+def _torchvision_model(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
+    import torchvision
+
+    try:
+        fn = getattr(torchvision.models, spec.name)
+    except AttributeError:
+        raise WeightsError(f"backbone.name={spec.name!r} is not a torchvision model") from None
+    model = fn(weights=None, **spec.model_kwargs)
+    if spec.name == "alexnet":
+        if not num_classes:
+            return model.features  # conv part only, as the study used it
+        # The study's patch classifier: AlexNet conv features → 2×2 pool → classes.
+        model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+        model.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(256 * 2 * 2, num_classes))
+        return model
+    if hasattr(model, "fc"):
+        model.fc = nn.Linear(model.fc.in_features, num_classes) if num_classes else nn.Identity()
+        return model
+    raise WeightsError(f"backbone.name={spec.name!r}: only AlexNet and ResNet-style torchvision models; use timm")
+
+
+def _timm_hub(spec: BackboneSpec) -> dict[str, torch.Tensor]:
+    return timm_hub_state(spec.name, spec.model_kwargs, f"backbone {spec.label}", "backbone.weights")
+
+
+@register_encoder("timm", hub=_timm_hub)
+def _timm_model(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
     import timm
 
     try:
@@ -176,16 +261,13 @@ def build_encoder(spec: BackboneSpec) -> Encoder:
 
 
 def _load_hub(enc: Encoder, spec: BackboneSpec) -> None:
+    hub = _source(spec.source).hub
+    if hub is None:
+        raise WeightsError(f"backbone {spec.label}: source {spec.source!r} has no hub; set backbone.weights=/path/to/weights")
     try:
-        if spec.source == "torchvision":
-            import torchvision
-
-            weights = torchvision.models.get_model_weights(spec.name).DEFAULT
-            state = weights.get_state_dict(progress=False)
-        else:
-            import timm
-
-            state = timm.create_model(spec.name, pretrained=True, num_classes=0, **spec.model_kwargs).state_dict()
+        state = hub(spec)
+    except WeightsError:
+        raise
     except Exception as exc:  # network, hub, or cache errors all mean the same to the user
         raise WeightsError(
             f"backbone {spec.label}: could not fetch pretrained {spec.name} weights from the hub "

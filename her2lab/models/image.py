@@ -18,6 +18,7 @@ from her2lab.embed.backbones import (
     create_model,
     load_state,
     load_weights,
+    timm_hub_state,
 )
 
 
@@ -44,16 +45,7 @@ def build_image_classifier(
     model = create_model(spec, num_classes=0)  # headless first: weights never carry our head
     what = f"model.net ({name})"
     if weights == "hub":
-        import timm
-
-        try:
-            state = timm.create_model(name, pretrained=True, num_classes=0).state_dict()
-        except Exception as exc:
-            raise WeightsError(
-                f"{what}: could not fetch pretrained weights from the hub ({type(exc).__name__}); "
-                "offline, point at a file: model.net.weights=/path/to/weights"
-            ) from None
-        load_state(model, state, what, "hub weights")
+        load_state(model, timm_hub_state(name, None, what, "model.net.weights"), what, "hub weights")
     elif weights:
         load_weights(model, Path(weights).expanduser(), what=what)
     model.reset_classifier(num_classes)
