@@ -13,19 +13,21 @@ model's forward pass on the whole bag.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import h5py
 import numpy as np
 import torch
-from torch import nn
 
 from her2lab.io import atomic_path
+
+if TYPE_CHECKING:
+    from her2lab.models.base import MILNet
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +57,21 @@ class SlideAttention:
 
 
 @torch.no_grad()
-def bag_attention(net: nn.Module, features_path: str | Path, probs_of, chunk: int = 8192) -> SlideAttention:
+def bag_attention(net: MILNet, features_path: str | Path, probs_of, chunk: int = 8192) -> SlideAttention:
     """Attention of every tile of one slide, read and scored ``chunk`` tiles at a time.
 
-    Tiles whose features hold NaN/Inf are left out (as ``data.nonfinite=drop_tiles`` leaves them
-    out of the model's bag; under ``error`` such a file never gets this far).
+    ``net`` is a :class:`~her2lab.models.base.MILNet`: its ``project`` and ``classifier`` score
+    each tile; where its weights are a softmax of ``attention_logits``, they are computed chunk by
+    chunk and ``pool`` accumulated over the chunks (a weighted sum, as the base class pools);
+    otherwise the net's own chunked ``forward`` gives them. Tiles whose features hold NaN/Inf are
+    left out (as ``data.nonfinite=drop_tiles`` leaves them out of the model's bag; under ``error``
+    such a file never gets this far).
     """
     from her2lab.data.bags import nonfinite_rows
+    from her2lab.models.base import MILNet, MILNetError
+
+    if not isinstance(net, MILNet):
+        raise MILNetError(f"attention maps: {type(net).__name__} is not a MILNet; subclass her2lab.models.base.MILNet")
 
     net.eval()
     dev = next(net.parameters()).device
@@ -80,22 +90,24 @@ def bag_attention(net: nn.Module, features_path: str | Path, probs_of, chunk: in
 
         scores, tile = [], []
         for s in range(0, n, chunk):
-            h = net.project(tiles(s))
+            h = net.project(tiles(s))  # (n, H)
             tile.append(probs_of(net.classifier(h).float()))
-            if hasattr(net, "attention_logits"):
-                scores.append(net.attention_logits(h[None])[0])
-        if scores:
-            a = torch.softmax(torch.cat(scores), 0)
+            logits = net.attention_logits(h[None])  # (1, n), or None: weights not a softmax of logits
+            if logits is not None:
+                scores.append(logits[0])
+        if scores:  # one softmax over the N scalars, then the pooled embedding chunk by chunk
+            a = torch.softmax(torch.cat(scores), 0)  # (N,)
             z, at = 0, 0
             for s in range(0, n, chunk):
-                h = net.project(tiles(s))
-                z = z + a[at : at + len(h)] @ h
-                at += len(h)
-            logits = net.classifier(z[None])
-        else:  # pooling baselines: their weights, over the whole bag, chunk by chunk
+                h = net.project(tiles(s))[None]  # (1, n, H)
+                w = a[None, at : at + h.shape[1]]  # (1, n)
+                z = z + net.pool(h, w, torch.ones(w.shape, dtype=torch.bool, device=dev))  # (1, H)
+                at += h.shape[1]
+            logits = net.classifier(z)
+        else:  # weights over the whole bag (pooling baselines): the net's own chunked forward
             x = f["features"][:]
             x = torch.as_tensor(x if keep.all() else x[keep], device=dev)[None]  # (1, N, D) in the file's dtype
-            logits, w = net(x, chunk=chunk) if "chunk" in inspect.signature(net.forward).parameters else net(x.to(dtype))
+            logits, w = net(x, chunk=chunk)
             a = w[0]
     return SlideAttention(
         slide_id=str(attrs.get("slide_id", Path(features_path).stem)), coords=coords[keep].astype(np.int64),

@@ -43,9 +43,13 @@ def attention_maps(module, dataset, rcfg: DictConfig, out: Path, limit: int | No
     """Maps of the first ``limit`` slides of ``dataset`` into ``out``; with ground-truth positive
     masks, the localisation table (also ``out/localisation.csv``): per slide the AUROC of attention
     and of the tile score for tiles inside the positive region, or why the slide was not scored."""
+    from her2lab.models.base import MILNet
     from her2lab.run.prepare import settings_from_config
     from her2lab.slides.tiling import TilingParams
 
+    if not isinstance(module.net, MILNet):  # the maps need the MIL-net face; the rest of the evaluation does not
+        log.warning("attention maps left out: %s is not a MILNet (her2lab.models.base.MILNet)", type(module.net).__name__)
+        return None
     out.mkdir(parents=True, exist_ok=True)
     prep = settings_from_config(rcfg, TilingParams(**OmegaConf.to_container(rcfg.tiling, resolve=True)))
     masks = Path(str(rcfg.cohort.get("root") or "")) / "masks" if rcfg.cohort.get("synthetic") else None

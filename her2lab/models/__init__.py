@@ -1,1 +1,1 @@
-"""Plain nn.Modules (no training logic): MIL heads and pooling baselines."""
+"""Plain nn.Modules (no training logic): MIL nets (one base class and a registry), heads, image classifiers."""

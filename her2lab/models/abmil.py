@@ -17,10 +17,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from her2lab.models.base import MILNet, register_mil_net
 from her2lab.models.heads import make_head
 
 
-class AttentionMIL(nn.Module):
+@register_mil_net("abmil")
+class AttentionMIL(MILNet):
     """ABMIL head.
 
     Args:
@@ -64,27 +66,9 @@ class AttentionMIL(nn.Module):
             a = a * torch.sigmoid(self.attn_u(h))  # (B, N, A)
         return self.attn_w(a).squeeze(-1)  # (B, N)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` (B, N, D), ``mask`` (B, N) bool → logits (B, C or C-1), attention (B, N) summing to 1.
-
-        ``x`` may be in any float dtype (e.g. float16 as stored); ``chunk``: at most this many
-        tiles are projected at a time.
-        """
-        if mask is None:
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        if chunk and x.shape[1] > chunk:
-            return self._chunked(x, mask, chunk)
-        h = self.project(x.to(self.attn_v.weight.dtype))  # (B, N, H)
-        scores = self.attention_logits(h).masked_fill(~mask, float("-inf"))  # (B, N)
-        attn = torch.softmax(scores, dim=1)  # (B, N); padded tiles get exactly 0
-        attn = torch.nan_to_num(attn, nan=0.0)  # an empty bag: all-zero attention, not NaN
-        z = torch.einsum("bn,bnh->bh", attn, h)  # (B, H)
-        return self.classifier(z), attn
-
-    def _chunked(self, x: torch.Tensor, mask: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = self.attn_v.weight.dtype
+    def forward_chunked(self, x: torch.Tensor, mask: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` ``chunk`` tiles at a time, with a running softmax: one chunk's activations."""
+        dtype = self.dtype
         b = x.shape[0]
         top = torch.full((b,), float("-inf"), dtype=dtype, device=x.device)  # running max over real tiles
         total = torch.zeros(b, dtype=dtype, device=x.device)  # Σ exp(score - top)
