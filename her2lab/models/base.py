@@ -102,24 +102,13 @@ def unregister_mil_net(name: str) -> None:
     _MIL_NETS.pop(name, None)
 
 
-def _builtins() -> None:
-    # the built-in nets register themselves on import; imported here, not at the top, because
-    # they import this module
-    import importlib
-
-    for module in ("her2lab.models.abmil", "her2lab.models.pooling"):
-        importlib.import_module(module)
-
-
 def list_mil_nets() -> list[str]:
     """Names of the registered MIL nets, sorted."""
-    _builtins()
     return sorted(_MIL_NETS)
 
 
 def create_mil_net(name: str, **kwargs) -> MILNet:
     """The registered net ``name`` built with ``kwargs`` (e.g. ``in_dim``, ``num_classes``)."""
-    _builtins()
     if name not in _MIL_NETS:
         raise MILNetError(f"MIL net {name!r} is not registered; use one of {', '.join(list_mil_nets())}")
     return _MIL_NETS[name](**kwargs)
