@@ -1,8 +1,33 @@
-"""One torchmetrics collection per task, named ``stage/metric`` (see ../shared/DESIGN.md)."""
+"""The classification metrics, one registered entry each, and everything derived from them.
+
+Each entry names a metric once and says how it is computed both ways: as a torchmetrics object
+(the ``stage/metric`` values that training logs) and as a scikit-learn/numpy function over
+labels ``(N,)`` and class probabilities ``(N, C)`` (the bootstrap intervals of evaluation, the
+pooled cross-validation and comparison tables). The sweep summary and the cross-validation
+tables list the ``test/<name>`` of every entry with ``tables=True``, in registration order.
+
+A new metric is one registered function::
+
+    @register_metric("top2", torchmetric=lambda k: MulticlassAccuracy(k, top_k=2, average="micro"))
+    def top2(y, probs):
+        return float(top_k_accuracy_score(y, probs, k=2, labels=range(probs.shape[1])))
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    f1_score,
+    roc_auc_score,
+)
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -11,19 +36,124 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from her2lab.errors import Her2labError
+
+ScoreFn = Callable[[np.ndarray, np.ndarray], float]
+
+
+class UnknownMetricError(Her2labError):
+    """A metric name that is not registered."""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: its name, its torchmetrics factory, its numpy function, where it is listed.
+
+    Attributes:
+        name: the ``metric`` of ``stage/metric`` and of ``metrics_ci.csv``.
+        torchmetric: ``num_classes → Metric`` updated with (probabilities (B, C), labels (B,)).
+        score: ``(labels (N,), probabilities (N, C)) → float`` (NaN where undefined).
+        tables: listed in ``sweep_summary.csv`` and the cross-validation tables.
+    """
+
+    name: str
+    torchmetric: Callable[[int], Metric]
+    score: ScoreFn
+    tables: bool = True
+
+
+_METRICS: dict[str, MetricSpec] = {}
+
+
+def register_metric(
+    name: str, *, torchmetric: Callable[[int], Metric], tables: bool = True
+) -> Callable[[ScoreFn], ScoreFn]:
+    """Register the decorated ``score(labels, probs) -> float`` as metric ``name``.
+
+    Args:
+        name: metric name (``auroc`` → ``val/auroc``, ``test/auroc``, ``pooled auroc``).
+        torchmetric: builds the torchmetrics object for ``num_classes`` classes.
+        tables: whether ``test/<name>`` is a column of the sweep and cross-validation tables.
+    """
+
+    def add(fn: ScoreFn) -> ScoreFn:
+        if name in _METRICS:
+            raise Her2labError(f"metric {name!r} is registered twice; pick another name")
+        _METRICS[name] = MetricSpec(name, torchmetric, fn, tables)
+        return fn
+
+    return add
+
+
+def unregister_metric(name: str) -> None:
+    """Remove metric ``name`` (for metrics registered for a while, e.g. in a test)."""
+    _METRICS.pop(name, None)
+
+
+def get_metric(name: str) -> MetricSpec:
+    """The registered entry of ``name``; an unknown name lists the known ones."""
+    if name not in _METRICS:
+        raise UnknownMetricError(f"unknown metric {name!r}; known: {', '.join(_METRICS)}")
+    return _METRICS[name]
+
+
+def create_metric(name: str, num_classes: int) -> Metric:
+    """The torchmetrics object of metric ``name`` for ``num_classes`` classes."""
+    return get_metric(name).torchmetric(num_classes)
+
+
+def list_metrics(tables_only: bool = False) -> list[str]:
+    """Registered metric names, in registration order (the column order of every table)."""
+    return [n for n, s in _METRICS.items() if s.tables or not tables_only]
+
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Macro AUROC (one-vs-rest), macro F1, accuracy, balanced accuracy, quadratic-weighted kappa."""
-    return MetricCollection(
-        {
-            "auroc": MulticlassAUROC(num_classes, average="macro"),
-            "f1": MulticlassF1Score(num_classes, average="macro"),
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "bacc": MulticlassAccuracy(num_classes, average="macro"),
-            "qwk": MulticlassCohenKappa(num_classes, weights="quadratic"),
-        },
-        prefix=prefix,
-    )
+    """Every registered metric as one torchmetrics collection, named ``<prefix><name>``."""
+    return MetricCollection({n: create_metric(n, num_classes) for n in list_metrics()}, prefix=prefix)
+
+
+def score_all(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Every registered metric over labels ``y`` (N,) and probabilities ``probs`` (N, C)."""
+    with warnings.catch_warnings():  # bootstrap resamples often lack a class: expected, handled
+        warnings.simplefilter("ignore", UserWarning)
+        return {n: float(s.score(y, probs)) for n, s in _METRICS.items()}
+
+
+def macro_auroc(y: np.ndarray, probs: np.ndarray) -> float:
+    """One-vs-rest AUROC averaged over the classes with both positives and negatives in ``y``."""
+    vals = [roc_auc_score(y == c, probs[:, c]) for c in range(probs.shape[1]) if 0 < (y == c).sum() < len(y)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+# The built-in metrics; their order is the column order of the tables.
+register_metric("auroc", torchmetric=lambda k: MulticlassAUROC(k, average="macro"))(macro_auroc)
+
+
+@register_metric("f1", torchmetric=lambda k: MulticlassF1Score(k, average="macro"))
+def macro_f1(y: np.ndarray, probs: np.ndarray) -> float:
+    """Macro F1 of the top class over all classes (an absent class counts 0)."""
+    return float(f1_score(y, probs.argmax(1), average="macro", labels=list(range(probs.shape[1])), zero_division=0))
+
+
+@register_metric("acc", torchmetric=lambda k: MulticlassAccuracy(k, average="micro"))
+def accuracy(y: np.ndarray, probs: np.ndarray) -> float:
+    """Share of items whose top class is right."""
+    return float(accuracy_score(y, probs.argmax(1)))
+
+
+@register_metric("bacc", torchmetric=lambda k: MulticlassAccuracy(k, average="macro"))
+def balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
+    """Mean per-class recall; NaN when ``y`` holds one class only."""
+    return float(balanced_accuracy_score(y, probs.argmax(1))) if len(np.unique(y)) > 1 else float("nan")
+
+
+@register_metric("qwk", torchmetric=lambda k: MulticlassCohenKappa(k, weights="quadratic"))
+def quadratic_kappa(y: np.ndarray, probs: np.ndarray) -> float:
+    """Quadratic-weighted Cohen's kappa; NaN when labels and predictions hold one class only."""
+    pred = probs.argmax(1)
+    if len(np.unique(np.r_[y, pred])) < 2:
+        return float("nan")
+    return float(cohen_kappa_score(y, pred, labels=list(range(probs.shape[1])), weights="quadratic"))
 
 
 class ClassSupport(Metric):

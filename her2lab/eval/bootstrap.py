@@ -8,44 +8,19 @@ averages the classes present, as the training metrics do.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    cohen_kappa_score,
-    f1_score,
-    roc_auc_score,
-)
 
+from her2lab.metrics import macro_auroc, score_all
 
-def macro_auroc(y: np.ndarray, probs: np.ndarray) -> float:
-    """One-vs-rest AUROC averaged over the classes with both positives and negatives in ``y``."""
-    vals = [roc_auc_score(y == c, probs[:, c]) for c in range(probs.shape[1]) if 0 < (y == c).sum() < len(y)]
-    return float(np.mean(vals)) if vals else float("nan")
+__all__ = ["macro_auroc", "patient_bootstrap", "patient_resamples", "slide_metrics"]
 
 
 def slide_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Macro AUROC, macro F1, accuracy, balanced accuracy, quadratic-weighted kappa."""
-    with warnings.catch_warnings():  # resamples often lack a class: expected, handled
-        warnings.simplefilter("ignore", UserWarning)
-        return _slide_metrics(y, probs)
-
-
-def _slide_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    k = probs.shape[1]
-    pred = probs.argmax(1)
-    labels = list(range(k))
-    return {
-        "auroc": macro_auroc(y, probs),
-        "f1": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
-        "acc": float(accuracy_score(y, pred)),
-        "bacc": float(balanced_accuracy_score(y, pred)) if len(np.unique(y)) > 1 else float("nan"),
-        "qwk": float(cohen_kappa_score(y, pred, labels=labels, weights="quadratic")) if len(np.unique(np.r_[y, pred])) > 1 else float("nan"),
-    }
+    """Every registered metric (see :mod:`her2lab.metrics`) over labels (N,) and probabilities (N, C)."""
+    return score_all(y, probs)
 
 
 def patient_resamples(patient_ids, n: int, seed: int = 0):

@@ -20,15 +20,16 @@ import pandas as pd
 
 from her2lab.errors import Her2labError, one_line_errors
 from her2lab.eval.bootstrap import patient_bootstrap
+from her2lab.eval.jobs import fold_metric_columns, summarize_sweep
 from her2lab.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-FOLD_METRICS = ("test/auroc", "test/f1", "test/acc", "test/bacc", "test/qwk")
 FOLD_RE = re.compile(r"(^|\s)fold=\S+")
 
 
 def setting_of(overrides: str) -> str:
+    """A job's overrides without ``fold=…``: the setting its folds share."""
     return FOLD_RE.sub(" ", str(overrides or "")).strip() or "(defaults)"
 
 
@@ -51,8 +52,6 @@ def out_of_fold(run_dirs: list[Path]) -> pd.DataFrame:
 
 def cv_summary(sweep_dir: Path, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """One row per setting; writes ``cv_summary.csv`` and ``cv_summary.md`` in ``sweep_dir``."""
-    from her2lab.run.sweep import summarize_sweep
-
     jobs = summarize_sweep(sweep_dir)
     if jobs.empty:
         raise Her2labError(f"{sweep_dir}: no job folders (a Hydra multirun folder has 0/, 1/, …)")
@@ -62,7 +61,7 @@ def cv_summary(sweep_dir: Path, n_boot: int = 1000, seed: int = 0) -> pd.DataFra
         done = g[g.status == "done"]
         row: dict = {"setting": setting, "folds_done": len(done), "folds_left_out": len(g) - len(done),
                      "left_out_jobs": " ".join(g.job[g.status != "done"].astype(str))}
-        for m in FOLD_METRICS:
+        for m in fold_metric_columns():
             v = done[m].astype(float)
             row[f"{m} mean"] = v.mean() if len(v) else np.nan
             row[f"{m} sd"] = v.std(ddof=1) if len(v) > 1 else np.nan

@@ -1,8 +1,9 @@
 """Shared LightningModule logic for classifiers: loss, metrics per stage, optimiser.
 
 Subclasses say how a batch becomes logits (``logits_of``). Metrics are torchmetrics, named
-``stage/metric``: macro and per-class one-vs-rest AUROC, macro F1, accuracy, balanced accuracy,
-quadratic-weighted kappa, confusion matrix (test). With an ordinal net the loss is the
+``stage/metric``: every metric registered in :mod:`her2lab.metrics` (macro one-vs-rest AUROC,
+macro F1, accuracy, balanced accuracy, quadratic-weighted kappa), per-class AUROC, confusion
+matrix (test). With an ordinal net the loss is the
 cumulative-logit BCE and the metrics see the implied class probabilities. A class absent from a split is reported and
 left out of the macro AUROC (torchmetrics would count it as 0). Test predictions are kept, one
 row per item, for ``predictions.csv``.

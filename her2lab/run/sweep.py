@@ -3,12 +3,12 @@
 A Hydra callback (``hydra.callbacks.sweep_summary``) that reads the job folders when the
 multirun ends, whatever launcher ran them (in-process, submitit, SLURM): a job with
 ``metrics.json`` is ``done``, one with ``failed.txt`` is ``failed`` (with its one-line error),
-anything else ``unfinished``. Failed jobs are listed in the log; they do not stop the other jobs.
+anything else ``unfinished`` (the table is :func:`her2lab.eval.jobs.summarize_sweep`). Failed
+jobs are listed in the log; they do not stop the other jobs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,37 +16,19 @@ from typing import Any
 import pandas as pd
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from her2lab.eval.cv import cv_summary
+from her2lab.eval.jobs import summarize_sweep
 from her2lab.io import atomic_path
+
+__all__ = ["SweepSummary", "summarize_sweep", "write_summary"]
 
 log = logging.getLogger(__name__)
 
-METRICS = ("val/auroc_best", "test/auroc", "test/f1", "test/acc", "test/bacc", "test/qwk", "test/loss")
-
-
-def summarize_sweep(sweep_dir: Path) -> pd.DataFrame:
-    """One row per job folder: job, overrides, status, error, run folder and the main metrics."""
-    rows = []
-    for job in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / ".hydra").is_dir()), key=_job_key):
-        ov = job / ".hydra" / "overrides.yaml"
-        overrides = " ".join(OmegaConf.to_container(OmegaConf.load(ov))) if ov.exists() else ""
-        row: dict[str, Any] = {"job": job.name, "overrides": overrides, "status": "unfinished", "error": "", "run_dir": str(job)}
-        done, failed = job / "metrics.json", job / "failed.txt"
-        if failed.exists() and (not done.exists() or failed.stat().st_mtime >= done.stat().st_mtime):
-            row.update(status="failed", error=(failed.read_text().strip().splitlines() or ["?"])[0])
-        elif done.exists():
-            m = json.loads(done.read_text())
-            row.update(status="done", **{k: m.get(k) for k in METRICS})
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["job", "overrides", "status", "error", *METRICS, "run_dir"])
-
-
-def _job_key(p: Path) -> tuple[int, str]:
-    return (int(p.name), "") if p.name.isdigit() else (1 << 30, p.name)
-
 
 def write_summary(sweep_dir: Path) -> pd.DataFrame:
+    """Write ``sweep_summary.csv`` (see :func:`her2lab.eval.jobs.summarize_sweep`) when there are jobs."""
     table = summarize_sweep(sweep_dir)
     if not table.empty:
         with atomic_path(sweep_dir / "sweep_summary.csv") as tmp:
@@ -76,8 +58,6 @@ class SweepSummary(Callback):
         for r in table[table.status == "failed"].itertuples():
             log.error("job %s (%s) failed: %s", r.job, r.overrides, r.error)
         if (table.status == "done").any() and table.overrides.str.contains(r"(?:^|\s)fold=").any():
-            from her2lab.eval.cv import cv_summary
-
             try:
                 cv_summary(sweep_dir)
                 log.info("cross-validation summary → %s", sweep_dir / "cv_summary.md")
