@@ -14,7 +14,8 @@ GROUPS = ["cohort", "labels", "backbone", "data", "model", "trainer", "logger", 
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """A group's options; ``_``-prefixed files are bases the options pull in, not options."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _compose(config: str, overrides: list[str]):
@@ -24,7 +25,7 @@ def _compose(config: str, overrides: list[str]):
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_option_composes(group, option):
-    config = "prepare" if group == "tiling" else "train"
+    config = "train"
     overrides = [f"{group}={option}"]
     if group == "data" and option == "patch_folder":
         overrides.append("data.module.root=/tmp/patches")
@@ -36,6 +37,8 @@ def test_every_option_composes(group, option):
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     key = {"experiment": "task_name", "hparams_search": "optimized_metric"}.get(group, group)
     assert resolved[key]
+    if group == "tiling" and option != "backbone":  # prepare has no backbone to follow
+        assert OmegaConf.to_container(_compose("prepare", overrides).tiling, resolve=True) == resolved["tiling"]
 
 
 @pytest.mark.parametrize("model", ["abmil", "meanpool", "maxpool"])
@@ -79,3 +82,54 @@ def test_paper_b_experiments_share_cohort_labels_and_folds():
         assert cfg.data.n_folds == 5 and cfg.seed == cfgs[0].seed
     assert [c.data.kind for c in cfgs] == ["thumbnail", "bags", "patches"]
     assert cfgs[0].model.net.name.startswith("convnext") and cfgs[2].model.aggregate == "mean"
+
+
+def _without(cfg, *keys: str) -> dict:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for key in keys:
+        resolved.pop(key)
+    return resolved
+
+
+@pytest.mark.parametrize("encoder", ["hne", "ihc", "imagenet"])
+def test_paper_a_sweeps_the_encoder_and_the_thin_experiments_equal_it(encoder):
+    swept = _compose("train", ["experiment=paper_a", f"backbone=alexnet_{encoder}"])
+    thin = _compose("train", [f"experiment=paper_a_{encoder}"])
+    assert swept.backbone.preset == thin.backbone.preset == f"alexnet_{encoder}"
+    assert _without(swept, "task_name", "tags") == _without(thin, "task_name", "tags")
+    assert list(swept.tags) == ["paper_a", f"alexnet_{encoder}"] and list(thin.tags) == ["paper_a", encoder]
+
+
+def test_paper_a_defaults_to_the_hne_encoder():
+    assert _compose("train", ["experiment=paper_a"]).backbone.preset == "alexnet_hne"
+
+
+@pytest.mark.parametrize("config", ["train", "extract"])
+def test_tiling_follows_the_backbone_unless_a_tiling_is_named(config):
+    cfg = _compose(config, ["backbone=alexnet_hne"])
+    assert (cfg.tiling.patch_px, cfg.tiling.target_mpp) == (cfg.backbone.input_px, cfg.backbone.target_mpp) == (96, 0.5)
+    cfg = _compose(config, ["backbone=hne", "tiling=paper_a"])
+    assert OmegaConf.to_container(cfg.tiling, resolve=True) == OmegaConf.to_container(
+        _compose("prepare", ["tiling=paper_a"]).tiling, resolve=True)
+    assert cfg.tiling.patch_px == 96
+
+
+def test_tiling_min_tissue_is_the_one_source_for_patch_data():
+    cfg = _compose("train", ["data=patches", "tiling.min_tissue=0.8"])
+    assert cfg.data.min_tissue == cfg.tiling.min_tissue == 0.8
+    assert _compose("train", ["data=patches"]).data.min_tissue == 0.5
+
+
+@pytest.mark.parametrize("cohort", ["demo", "demo_ihc", "demo_external", "pretrain_hne", "pretrain_ihc"])
+def test_synthetic_cohorts_live_under_their_own_name(cohort):
+    cfg = _compose("prepare", [f"cohort={cohort}", "paths.data_dir=/d"])
+    assert cfg.cohort.name == cohort and cfg.cohort.root == f"/d/{cohort}" == cfg.cohort.cache_dir
+    assert cfg.cohort.manifest == f"/d/{cohort}/manifest.csv" and cfg.cohort.synthetic.stain == cfg.cohort.stain
+    assert (cfg.cohort.synthetic.width_px, cfg.cohort.synthetic.height_px, cfg.cohort.synthetic.mpp) == (4096, 3072, 0.5)
+
+
+@pytest.mark.parametrize(("model", "net"), [("meanpool", "MeanPoolMIL"), ("maxpool", "MaxPoolMIL")])
+def test_pooling_heads_share_the_mil_settings_but_not_the_attention(model, net):
+    pooled, abmil = _compose("train", [f"model={model}"]).model, _compose("train", ["model=abmil"]).model
+    assert pooled.net._target_.endswith(net) and "gated" not in pooled.net and "attn_dim" not in pooled.net
+    assert _without(pooled, "net") == _without(abmil, "net")
