@@ -4,7 +4,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from her2lab.errors import one_line_errors
-from her2lab.run.evaluate import eval_dir, evaluate
+from her2lab.eval.run_folder import eval_dir
+from her2lab.run.evaluate import evaluate
 
 OmegaConf.register_new_resolver("her2lab.eval_dir", eval_dir, replace=True)
 

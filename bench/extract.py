@@ -50,9 +50,9 @@ from her2lab.embed.extract import (
     SlideBatchSampler,
     TileDataset,
     extract_cohort,
-    load_slide_tiles,
 )
-from her2lab.run.prepare import PrepareSettings, prepare_cohort
+from her2lab.slides.prepare import PrepareSettings, prepare_cohort
+from her2lab.slides.tiles_file import load_slide_tiles
 from her2lab.slides.tiling import TilingParams
 from her2lab.slides.tissue import TissueParams
 

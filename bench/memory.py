@@ -55,7 +55,8 @@ def child(path: str, mode: str, chunk: int) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
 
-    from her2lab.data.bags import BagDataModule, BagRecord, read_features
+    from her2lab.data.bags import BagDataModule, BagRecord
+    from her2lab.embed.features_file import read_features
     from her2lab.lit.mil_module import MILModule
     from her2lab.models.abmil import AttentionMIL
 

@@ -35,7 +35,7 @@ import numpy as np
 import openslide
 
 from her2lab.data.synthetic import SyntheticConfig, generate_cohort, write_pyramid_tiff
-from her2lab.run.prepare import PrepareSettings, prepare_slide
+from her2lab.slides.prepare import PrepareSettings, prepare_slide
 from her2lab.slides.reader import Slide
 from her2lab.slides.tiling import TileReader, TilingParams, tile_geometry, tile_grid
 from her2lab.slides.tissue import TissueParams, segment_tissue

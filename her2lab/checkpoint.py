@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from her2lab.errors import Her2labError
@@ -133,3 +134,31 @@ def _unsupported(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours parts of its messages
     return (text.splitlines() or [""])[0][:160]
+
+
+#: Where the ``_target_``s of the parts evaluation builds from a run folder's config.yaml (``model``,
+#: ``data``) may point: a config from elsewhere names that code, and beyond her2lab's own classes
+#: and torch's optimisers (kept as partials, never called here) it could run anything.
+SAFE_TARGETS = ("her2lab.", "torch.optim.")
+
+
+def check_targets(rcfg: DictConfig, where: Path, extra: tuple[str, ...] | list[str] = ()) -> None:
+    """A one-line error when the run's ``model`` or ``data`` names a ``_target_`` outside
+    :data:`SAFE_TARGETS` (and ``allow_targets``), before anything is built from it."""
+    allowed = (*SAFE_TARGETS, *(str(p) for p in extra))
+
+    def walk(node, key: str) -> None:
+        if isinstance(node, dict):
+            t = node.get("_target_")
+            if t is not None and not str(t).startswith(allowed):
+                raise Her2labError(f"{where}: {key}._target_={t!r} is not a class of her2lab or torch.optim, and "
+                                   "building it could run any code; if you trust this run, allow it with "
+                                   "allow_targets=[<its module prefix>]")
+            for k, v in node.items():
+                walk(v, f"{key}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+
+    for part in ("model", "data"):
+        walk(OmegaConf.to_container(rcfg, resolve=False).get(part), part)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -108,3 +109,16 @@ def write_h5(path: str | os.PathLike, datasets: Mapping[str, Any], attrs: Mappin
         # No fsync: the rename makes a killed process harmless, and a sync per slide cost
         # about 1 ms per patch of extraction throughput on small slides.
         tmp.write_bytes(buf.getbuffer())
+
+
+#: ``errno`` values that mean the disk (or the user's quota) is full.
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+#: The fix a full disk under the cohort's cache calls for.
+SPACE_FIX = "free space or choose another cohort.cache_dir"
+
+
+def write_error(path: str | os.PathLike, exc: OSError, fix: str = SPACE_FIX) -> OutputError:
+    """A one-line :class:`OutputError` for a failed write: the file, why ("disk full") and the fix."""
+    full = exc.errno in FULL_DISK_ERRNOS
+    why = f"disk full: {exc.strerror or exc}" if full else (exc.strerror or f"{type(exc).__name__}: {exc}")
+    return OutputError(f"{path}: could not write ({why}); {fix}")

@@ -10,22 +10,15 @@ from omegaconf import DictConfig
 
 from her2lab import CONF_DIR
 from her2lab.errors import one_line_errors
-from her2lab.run.cohort import resolve_cohort
-from her2lab.run.prepare import prepare_cohort, settings_from_config
+from her2lab.run.prepare import run_prepare
 
 log = logging.getLogger(__name__)
-
-
-def run(cfg: DictConfig):
-    """Prepare the configured cohort; returns the per-slide report (a DataFrame)."""
-    manifest = resolve_cohort(cfg.cohort, num_workers=cfg.num_workers)
-    return prepare_cohort(manifest, settings_from_config(cfg), num_workers=cfg.num_workers)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="prepare")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    report = run(cfg)
+    report = run_prepare(cfg)
     if (report["status"] == "failed").all():
         raise SystemExit(
             f"error: every slide failed; see {Path(cfg.cohort.cache_dir) / 'failures.csv'}"

@@ -80,7 +80,7 @@ def test_paper_b_experiments_share_cohort_labels_and_folds():
     for cfg in cfgs:
         assert cfg.cohort.name == "demo_ihc" and cfg.labels.name == "her2_3way" and cfg.labels.num_classes == 3
         assert cfg.data.n_folds == 5 and cfg.seed == cfgs[0].seed
-    assert [c.data.kind for c in cfgs] == ["thumbnail", "bags", "patches"]
+    assert [c.data._target_.rsplit(".", 1)[1] for c in cfgs] == ["ThumbnailInputs", "BagInputs", "PatchInputs"]
     assert cfgs[0].model.net.name.startswith("convnext") and cfgs[2].model.aggregate == "mean"
 
 

@@ -16,7 +16,7 @@ from her2lab.data.cohort import load_manifest
 from her2lab.embed.backbones import BackboneSpec, build_encoder, create_model
 from her2lab.embed.extract import ExtractSettings, extract_cohort
 from her2lab.errors import OutputError, StaleCacheError
-from her2lab.run.prepare import PrepareSettings, prepare_cohort
+from her2lab.slides.prepare import PrepareSettings, prepare_cohort
 from her2lab.slides.reader import Slide
 from her2lab.slides.tiling import TileReader, TilingParams, tile_geometry
 from her2lab.slides.tissue import TissueParams

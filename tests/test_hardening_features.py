@@ -93,7 +93,7 @@ def test_trident_file_with_a_nan_row_stops_training_with_a_one_line_error(triden
 
 
 def test_read_features_keeps_the_file_dtype_and_refuses_or_drops_inf_rows(tmp_path):
-    from her2lab.data.bags import load_bag, read_features
+    from her2lab.embed.features_file import load_bag, read_features
 
     x = np.random.default_rng(1).standard_normal((50, 8)).astype(np.float16)
     x[[3, 40], 5] = np.inf  # float16 overflow in an encoder looks like this

@@ -84,7 +84,7 @@ def _prepare_cfg(manifest: Path, data: Path):
 
 
 def test_prepare_on_unsafe_ids_writes_nothing_anywhere(tmp_path):
-    from her2lab.prepare import run
+    from her2lab.run.prepare import run_prepare as run
 
     _tiny_cohort(tmp_path / "demo")
     slide = next((tmp_path / "demo" / "slides").glob("*.tiff"))
@@ -142,7 +142,7 @@ def test_train_on_unsafe_id_reads_and_writes_nothing_outside(tmp_path):
 
 
 def test_unsafe_synthetic_id_prefix_is_refused_before_any_write(tmp_path):
-    from her2lab.run.cohort import resolve_cohort
+    from her2lab.data.cohort_config import resolve_cohort
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("prepare", [f"paths.data_dir={tmp_path / 'data'}", "cohort.synthetic.n_slides=2",

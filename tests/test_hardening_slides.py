@@ -22,8 +22,9 @@ import tifffile
 
 from her2lab.data.cohort import load_manifest
 from her2lab.errors import OutputError, SlideError
-from her2lab.run.prepare import PrepareSettings, prepare_cohort, read_tiles_h5
+from her2lab.slides.prepare import PrepareSettings, prepare_cohort
 from her2lab.slides.reader import Slide
+from her2lab.slides.tiles_file import read_tiles_h5
 from her2lab.slides.tiling import TilingParams, tile_geometry
 from her2lab.slides.tissue import TissueParams
 
@@ -357,7 +358,7 @@ _KILLED_PREPARE = """
 import os, sys, time
 from pathlib import Path
 import pandas as pd
-import her2lab.run.prepare as prep
+import her2lab.slides.prepare as prep
 from her2lab.slides.tiling import TilingParams
 from her2lab.slides.tissue import TissueParams
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent / "her2lab"
 # Lowest first: a module may import its own layer and the ones before it.
 LAYERS = [
     {"her2lab", "her2lab.errors", "her2lab.io", "her2lab.progress", "her2lab.checkpoint", "her2lab.pool",
-     "her2lab.metrics", "her2lab.plots"},
+     "her2lab.metrics", "her2lab.plots", "her2lab.config", "her2lab.registry"},
     {"her2lab.slides"},
     {"her2lab.embed"},
     {"her2lab.data"},
@@ -29,10 +29,7 @@ LAYERS = [
 ]
 
 # (importer, imported): upward imports that are known and have a reason; any other fails.
-KNOWN_UPWARD = {
-    # attention maps re-derive a slide's tile grid with the prepare task's own settings
-    ("her2lab.explain.mil_maps", "her2lab.run.prepare"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -14,7 +14,8 @@ import tifffile
 from her2lab.data.cohort import load_manifest
 from her2lab.data.synthetic import write_pyramid_tiff
 from her2lab.errors import OutputError, StaleCacheError
-from her2lab.run.prepare import PrepareSettings, prepare_cohort, read_tiles_h5
+from her2lab.slides.prepare import PrepareSettings, prepare_cohort
+from her2lab.slides.tiles_file import read_tiles_h5
 from her2lab.slides.tiling import TilingParams
 from her2lab.slides.tissue import TissueParams
 from tests.conftest import gradient_rgb

@@ -24,7 +24,7 @@ from her2lab.data.thumbnails import (
 )
 from her2lab.errors import Her2labError
 from her2lab.models.aggregate import aggregate_tiles
-from her2lab.run.prepare import PrepareSettings, prepare_cohort
+from her2lab.slides.prepare import PrepareSettings, prepare_cohort
 from her2lab.slides.tiling import TilingParams
 from her2lab.slides.tissue import TissueParams
 
@@ -158,8 +158,8 @@ def test_tiny_tissue_is_a_clear_error(ihc_thumbs):
 def test_mixed_stains_in_one_manifest_are_an_error(tmp_path):
     from omegaconf import OmegaConf
 
+    from her2lab.data.cohort_config import check_stains
     from her2lab.errors import ManifestError
-    from her2lab.run.cohort import check_stains
 
     table = pd.DataFrame({"slide_id": ["a", "b", "c"], "stain": ["hne", "ihc", "ihc"]})
     cohort = OmegaConf.create({"manifest": "m.csv", "stain": "ihc"})

@@ -22,14 +22,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from her2lab.embed.features_file import NONFINITE, load_bag
 from her2lab.errors import Her2labError
+from her2lab.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -39,97 +40,6 @@ class BagRecord:
     slide_id: str
     features_path: str
     label: int
-
-
-NONFINITE = ("error", "drop_tiles")
-
-
-def nonfinite_rows(feats: np.ndarray) -> np.ndarray:
-    """(N,) bool, True where a row of ``feats`` (N, D) holds a NaN or an Inf.
-
-    One pass with a float64 row sum (NaN and Inf propagate; finite float16/32 values cannot
-    overflow it), so no (N, D) temporary is made.
-    """
-    return ~np.isfinite(feats.sum(axis=1, dtype=np.float64))
-
-
-def load_bag(
-    path: str | Path, expect_dim: int | None = None, nonfinite: str = "error"
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """``features`` (N, D), ``coords`` (N, 2) and the number of tiles left out, of one slide.
-
-    Features keep the file's dtype when it is float16 or float32 (anything else becomes float32).
-
-    Args:
-        path: a features h5 (her2lab's, TRIDENT's or CLAM's layout).
-        expect_dim: the feature size the model expects, or None.
-        nonfinite: ``error``: a row with NaN/Inf is a one-line error; ``drop_tiles``: such rows
-            (and their coords) are left out, with a warning.
-
-    Raises:
-        Her2labError: missing or unreadable file, empty bag, wrong feature size, non-finite rows
-            (``error``) or no finite row at all (``drop_tiles``).
-    """
-    if nonfinite not in NONFINITE:
-        raise Her2labError(f"data.nonfinite={nonfinite!r}: use {' or '.join(NONFINITE)}")
-    try:
-        with h5py.File(path, "r") as f:
-            feats = f["features"][:]
-            coords = f["coords"][:] if "coords" in f else np.zeros((len(feats), 2), np.int64)
-    except FileNotFoundError:
-        raise Her2labError(f"{path}: features file missing; run python -m her2lab.extract") from None
-    except (OSError, KeyError) as exc:
-        raise Her2labError(f"{path}: not a features file ({type(exc).__name__}); re-run extraction") from None
-    if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM-style (1, N, D)
-        feats = feats[0]
-    if feats.ndim != 2 or len(feats) == 0:
-        raise Her2labError(f"{path}: empty bag or features of shape {feats.shape}; expected (N, D) with N ≥ 1")
-    if expect_dim is not None and feats.shape[1] != expect_dim:
-        raise Her2labError(
-            f"{path}: {feats.shape[1]}-d features but the model expects {expect_dim}; "
-            "match backbone.embed_dim to the features (or re-extract)"
-        )
-    if feats.dtype not in (np.float16, np.float32):  # float64 would double the cache; ints are not features
-        feats = feats.astype(np.float32)
-    bad = nonfinite_rows(feats)
-    n_bad = int(bad.sum())
-    if n_bad and nonfinite == "error":
-        raise Her2labError(
-            f"{path}: {n_bad} of {len(feats)} tiles have non-finite features (NaN/Inf, first at row "
-            f"{int(np.argmax(bad))}); re-extract the slide, or set data.nonfinite=drop_tiles to leave those tiles out"
-        )
-    if n_bad == len(feats):
-        raise Her2labError(f"{path}: no finite tile (all {n_bad} rows hold NaN/Inf); re-extract the slide")
-    if n_bad:
-        log.warning("%s: %d of %d tiles have non-finite features (NaN/Inf); left out (data.nonfinite=drop_tiles)",
-                    path, n_bad, len(feats))
-        feats, coords = feats[~bad], coords[~bad] if len(coords) == len(bad) else coords
-    return feats, coords, n_bad
-
-
-def read_features(
-    path: str | Path, expect_dim: int | None = None, nonfinite: str = "error"
-) -> tuple[np.ndarray, np.ndarray]:
-    """``features`` (N, D) in the file's float dtype and ``coords`` (N, 2) of one slide; one-line
-    errors for bad files (see :func:`load_bag`)."""
-    feats, coords, _ = load_bag(path, expect_dim, nonfinite)
-    return feats, coords
-
-
-IDENTITY_ATTRS = ("encoder", "encoder_source", "encoder_weights_sha256", "input_px", "target_mpp", "patch_px")
-
-
-def features_identity(path: str | Path) -> dict:
-    """What made a features file: the encoder and its weights, the tile geometry (her2lab files),
-    and the feature size (any file). Two cohorts fit one model only if these agree."""
-    try:
-        with h5py.File(path, "r") as f:
-            ident = {k: f.attrs[k] for k in IDENTITY_ATTRS if k in f.attrs}
-            ident["dim"] = int(f["features"].shape[-1])
-    except (OSError, KeyError) as exc:
-        raise Her2labError(f"{path}: not a features file ({type(exc).__name__}); re-run extraction") from None
-    return {k: v.item() if isinstance(v, np.generic) else str(v) if isinstance(v, bytes | np.ndarray) else v
-            for k, v in ident.items()}
 
 
 class BagDataset(Dataset):
@@ -303,7 +213,6 @@ def write_excluded_tiles(dm, path: Path) -> None:
     """``excluded_tiles.csv`` when a datamodule left tiles out (nothing is written otherwise)."""
     table = getattr(dm, "excluded_tiles", None)
     if table is not None and len(table):
-        from her2lab.io import atomic_path
 
         with atomic_path(path) as tmp:
             table.to_csv(tmp, index=False)

@@ -16,7 +16,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from her2lab.embed.extract import load_slide_tiles
+from her2lab.errors import Her2labError
+from her2lab.slides.tiles_file import load_slide_tiles
 from her2lab.slides.tiling import ReaderPool
 
 
@@ -168,8 +169,6 @@ class PatchFolderDataModule(pl.LightningDataModule):
         from pathlib import Path
 
         from torchvision import datasets, transforms
-
-        from her2lab.errors import Her2labError
 
         root = Path(self.root)
         if not (root / "train").is_dir() or not (root / "val").is_dir():

@@ -9,6 +9,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from her2lab.errors import Her2labError
+from her2lab.io import atomic_path
 
 
 def assign_folds(manifest: pd.DataFrame, labels: pd.Series, n_folds: int, seed: int) -> pd.Series:
@@ -51,7 +52,6 @@ def split_for_fold(manifest: pd.DataFrame, labels: pd.Series, fold: int, n_folds
 
 
 def save_splits(path: Path, manifest: pd.DataFrame, labels: pd.Series, split: pd.Series) -> None:
-    from her2lab.io import atomic_path
 
     table = pd.DataFrame(
         {"slide_id": manifest.slide_id, "patient_id": manifest.patient_id, "label": labels, "split": split}

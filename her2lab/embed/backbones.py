@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from her2lab.checkpoint import data_only, unsafe_global
 from her2lab.errors import Her2labError
+from her2lab.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +293,6 @@ def read_state_dict(path: Path, what: str = "weights") -> tuple[dict[str, torch.
                 meta = dict(f.metadata() or {})
                 state = {k: f.get_tensor(k) for k in f.keys()}
         else:
-            from her2lab.checkpoint import data_only
 
             with data_only():  # weights-only: a file that would run code while read is refused
                 obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -306,7 +307,6 @@ def read_state_dict(path: Path, what: str = "weights") -> tuple[dict[str, torch.
     except WeightsError:
         raise
     except Exception as exc:
-        from her2lab.checkpoint import unsafe_global
 
         if unsafe_global(exc):
             raise WeightsError(f"{what}: {path} refused: it holds objects beyond tensors ({unsafe_global(exc)}), and "
@@ -383,8 +383,6 @@ def save_encoder(model: nn.Module, spec: BackboneSpec, path: Path, extra: dict |
     The spec travels in the metadata, so the file says what it is.
     """
     from safetensors.torch import save_file
-
-    from her2lab.io import atomic_path
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"her2lab_backbone": json.dumps(spec.to_dict()), **{k: str(v) for k, v in (extra or {}).items()}}

@@ -12,8 +12,6 @@ and attributes naming the encoder, its weights and the tiling.
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
 import os
 import queue
@@ -23,33 +21,19 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from her2lab import __version__
 from her2lab.embed.backbones import Encoder
-from her2lab.errors import Her2labError, OutputError, SlideError, StaleCacheError
-from her2lab.io import param_hash, write_h5
+from her2lab.embed.features_file import check_features_file, features_attrs, write_features
+from her2lab.errors import Her2labError, SlideError, StaleCacheError
 from her2lab.progress import progress_bar
-from her2lab.slides.tiling import ReaderPool, TileGeometry
+from her2lab.slides.tiles_file import SlideTiles, load_slide_tiles
+from her2lab.slides.tiling import ReaderPool
 
 log = logging.getLogger(__name__)
-
-#: Attributes a tiles file from ``python -m her2lab.prepare`` always has.
-TILES_KEYS = (
-    "patch_px", "patch_px_level0", "stride_level0", "read_level", "read_px", "level0_mpp",
-    "target_mpp", "mpp_source", "tiling", "param_hash",
-)
-
-#: Attributes compared to decide whether an existing features file is stale.
-IDENTITY_KEYS = (
-    "encoder", "encoder_source", "encoder_weights_sha256", "input_px", "target_mpp", "patch_px",
-    "features_dtype", "tiles_param_hash",
-)
-
 
 @dataclass(frozen=True)
 class ExtractSettings:
@@ -102,78 +86,6 @@ def prefetch(iterable, depth: int = 2):
                 q.get_nowait()
             except queue.Empty:
                 t.join(timeout=0.05)
-
-
-@dataclass
-class SlideTiles:
-    """One slide's tiles as the tiles file describes them."""
-
-    slide_id: str
-    slide_path: str
-    mpp: float | None
-    coords: np.ndarray  # (N, 2) int64
-    geom: TileGeometry
-    attrs: dict
-
-
-def load_slide_tiles(tiles_path: Path, slide_id: str, slide_path: str, mpp: float | None) -> SlideTiles:
-    """Read a tiles file and check the slide it describes is still the one at ``slide_path``.
-
-    Raises:
-        SlideError: missing, corrupt or foreign tiles file (e.g. a CLAM/TRIDENT patch file, whose
-            attributes are not these), impossible geometry (an older prepare of a slide with a
-            wrong mpp), or a slide that moved or changed since it was tiled.
-    """
-    try:
-        with h5py.File(tiles_path, "r") as f:
-            coords = f["coords"][:]
-            attrs = dict(f.attrs)
-    except FileNotFoundError:
-        raise SlideError(f"{tiles_path}: tiles file missing; run python -m her2lab.prepare first") from None
-    except (OSError, KeyError) as exc:
-        raise SlideError(
-            f"{tiles_path}: corrupt tiles file ({type(exc).__name__}); delete it and re-run prepare"
-        ) from None
-    missing = [k for k in TILES_KEYS if k not in attrs]
-    if missing:
-        raise SlideError(
-            f"{tiles_path}: not a her2lab tiles file (no {', '.join(missing[:3])} attribute"
-            f"{'s' if len(missing) > 1 else ''}; another tool's patch file?); run python -m her2lab.prepare "
-            "for this slide"
-        )
-    try:
-        geom = TileGeometry(
-            patch_px=int(attrs["patch_px"]),
-            patch_px_level0=int(attrs["patch_px_level0"]),
-            stride_level0=float(attrs["stride_level0"]),
-            read_level=int(attrs["read_level"]),
-            read_px=int(attrs["read_px"]),
-            level0_mpp=float(attrs["level0_mpp"]),
-        )
-    except (TypeError, ValueError) as exc:
-        raise SlideError(f"{tiles_path}: corrupt tiles attributes ({exc}); re-run prepare with prepare.overwrite=true") from None
-    if min(geom.patch_px, geom.patch_px_level0, geom.read_px) < 1 or not geom.stride_level0 > 0:
-        raise SlideError(
-            f"{tiles_path}: tiles of {geom.patch_px_level0} level-0 px (slide at {geom.level0_mpp:.4g} µm/px "
-            f"from {attrs['mpp_source']}: a wrong resolution tag?); fix the slide's mpp and re-run prepare "
-            "with prepare.overwrite=true"
-        )
-    if coords.ndim != 2 or coords.shape[1] != 2 or not np.issubdtype(coords.dtype, np.integer):
-        raise SlideError(
-            f"{tiles_path}: coords are {coords.dtype} {coords.shape}, not (N, 2) integers; re-run prepare "
-            "with prepare.overwrite=true"
-        )
-    p = Path(slide_path)
-    if not p.exists():
-        raise SlideError(
-            f"{p}: slide not found (tiled from {attrs.get('slide_path')}); the slide moved: fix the manifest path"
-        )
-    if int(attrs.get("slide_bytes", -1)) != p.stat().st_size:
-        raise SlideError(
-            f"{p}: not the file that was tiled ({attrs.get('slide_bytes')} bytes then, {p.stat().st_size} now); "
-            "re-run prepare with prepare.overwrite=true"
-        )
-    return SlideTiles(slide_id, str(p), mpp, coords, geom, attrs)
 
 
 class TileDataset(Dataset):
@@ -250,73 +162,6 @@ class Embedder:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             f = self.encoder(x)  # (B, D)
         return f.float().cpu()
-
-
-def features_attrs(encoder: Encoder, tiles: SlideTiles, dtype: str) -> dict:
-    spec = encoder.spec
-    a = tiles.attrs
-    attrs = {
-        "slide_id": tiles.slide_id,
-        "slide_path": tiles.slide_path,
-        "encoder": spec.name,
-        "encoder_source": spec.source,
-        "backbone": spec.label,
-        "encoder_weights": encoder.weights_source,  # file | hub | random
-        "encoder_weights_file": str(spec.weights or ""),
-        "encoder_weights_sha256": encoder.weights_sha256,
-        "pretrained": encoder.weights_source != "random",
-        "embed_dim": int(spec.embed_dim or 0),
-        "input_px": spec.input_px,
-        "transform": json.dumps({"mean": list(spec.mean), "std": list(spec.std), "scale": "1/255", "resize": "none"}),
-        "features_dtype": dtype,
-        "target_mpp": float(a["target_mpp"]),
-        "patch_px": int(a["patch_px"]),
-        "patch_px_level0": int(a["patch_px_level0"]),
-        "level0_mpp": float(a["level0_mpp"]),
-        "mpp_source": str(a["mpp_source"]),
-        "tiling": str(a["tiling"]),
-        "tiles_param_hash": str(a["param_hash"]),
-        "her2lab_version": __version__,
-    }
-    attrs["param_hash"] = param_hash({k: attrs[k] for k in IDENTITY_KEYS})
-    return attrs
-
-
-def check_features_file(path: Path, want: dict, overwrite: bool) -> bool:
-    """True if ``path`` is done with the same parameters; raise if it is stale; False if absent."""
-    if not path.exists():
-        return False
-    try:
-        with h5py.File(path, "r") as f:
-            have = dict(f.attrs)
-            ok = "features" in f and "coords" in f
-    except OSError:
-        return False  # unreadable (e.g. killed mid-write by another tool): rebuild
-    if not ok:
-        return False
-    if have.get("param_hash") == want["param_hash"]:
-        return True
-    if overwrite:
-        return False
-    if "encoder" not in have or "param_hash" not in have:  # e.g. CLAM/TRIDENT features, same layout
-        raise StaleCacheError(
-            f"{path}: a features file not made by her2lab (no encoder attributes); move it out of "
-            "this folder, or set extract.overwrite=true to replace it"
-        )
-    diffs = [f"{k}={have.get(k)!r} (now {want[k]!r})" for k in IDENTITY_KEYS if have.get(k) != want[k]]
-    raise StaleCacheError(f"{path}: made with {', '.join(diffs)}; set extract.overwrite=true or use another backbone name")
-
-
-def write_features(path: Path, feats: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
-    try:
-        write_h5(path, {"features": feats, "coords": coords.astype(np.int64)}, attrs)
-    except OSError as exc:
-        full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-        why = "disk full" if full else (exc.strerror or type(exc).__name__)
-        raise OutputError(
-            f"{path}: could not write features ({why}); free space or move paths.data_dir; "
-            "finished slides are intact"
-        ) from None
 
 
 def extract_cohort(

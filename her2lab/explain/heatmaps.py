@@ -17,17 +17,17 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cv2
 import h5py
 import numpy as np
 import torch
 
+from her2lab.embed.features_file import nonfinite_rows
 from her2lab.io import atomic_path
-
-if TYPE_CHECKING:
-    from her2lab.models.base import MILNet
+from her2lab.models.base import MILNet, MILNetError
+from her2lab.slides.reader import Slide
+from her2lab.slides.thumbnails import save_png
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,6 @@ def bag_attention(net: MILNet, features_path: str | Path, probs_of, chunk: int =
     left out (as ``data.nonfinite=drop_tiles`` leaves them out of the model's bag; under ``error``
     such a file never gets this far).
     """
-    from her2lab.data.bags import nonfinite_rows
-    from her2lab.models.base import MILNet, MILNetError
 
     if not isinstance(net, MILNet):
         raise MILNetError(f"attention maps: {type(net).__name__} is not a MILNet; subclass her2lab.models.base.MILNet")
@@ -202,7 +200,6 @@ def evidence_png(att: SlideAttention, thumb: np.ndarray, thumb_mpp: float, path:
 
 def montage_png(att: SlideAttention, path: Path, k: int = 8, px: int = 96, mpp: float | None = None) -> Path:
     """Two rows: the ``k`` most attended tiles, then the ``k`` least attended, read from the slide."""
-    from her2lab.slides.reader import Slide
 
     order = np.argsort(-att.attention, kind="stable")
     k = min(k, len(order))
@@ -217,7 +214,6 @@ def montage_png(att: SlideAttention, path: Path, k: int = 8, px: int = 96, mpp: 
             tiles += [np.full((px, px, 3), 255, np.uint8)] * (k - len(tiles))
             rows.append(np.concatenate(tiles, axis=1))
     gap = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
-    from her2lab.slides.thumbnails import save_png
 
     save_png(path, np.concatenate([rows[0], gap, rows[1]], axis=0))
     return Path(path)

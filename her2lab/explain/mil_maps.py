@@ -20,8 +20,9 @@ import cv2
 import h5py
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from her2lab.data.cohort import load_manifest
 from her2lab.errors import Her2labError
 from her2lab.explain.heatmaps import (
     SlideAttention,
@@ -34,6 +35,10 @@ from her2lab.explain.heatmaps import (
     tiles_inside,
 )
 from her2lab.io import atomic_path
+from her2lab.models.base import MILNet
+from her2lab.slides.prepare import PrepareSettings
+from her2lab.slides.reader import Slide
+from her2lab.slides.thumbnails import save_png
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +48,11 @@ def attention_maps(module, dataset, rcfg: DictConfig, out: Path, limit: int | No
     """Maps of the first ``limit`` slides of ``dataset`` into ``out``; with ground-truth positive
     masks, the localisation table (also ``out/localisation.csv``): per slide the AUROC of attention
     and of the tile score for tiles inside the positive region, or why the slide was not scored."""
-    from her2lab.models.base import MILNet
-    from her2lab.run.prepare import settings_from_config
-    from her2lab.slides.tiling import TilingParams
-
     if not isinstance(module.net, MILNet):  # the maps need the MIL-net face; the rest of the evaluation does not
         log.warning("attention maps left out: %s is not a MILNet (her2lab.models.base.MILNet)", type(module.net).__name__)
         return None
     out.mkdir(parents=True, exist_ok=True)
-    prep = settings_from_config(rcfg, TilingParams(**OmegaConf.to_container(rcfg.tiling, resolve=True)))
+    prep = PrepareSettings.from_config(rcfg)
     masks = Path(str(rcfg.cohort.get("root") or "")) / "masks" if rcfg.cohort.get("synthetic") else None
     mask_mpp = float((rcfg.cohort.get("synthetic") or {}).get("mask_mpp", 8.0))
     classes = [str(c) for c in rcfg.labels.classes]
@@ -109,7 +110,6 @@ def _localisation(att: SlideAttention, mask_file: Path, mask_mpp: float) -> dict
 
 def _manifest_slides(rcfg: DictConfig) -> dict[str, tuple[str, float | None]]:
     """slide_id → (slide path, level-0 µm/px from the manifest or the override, else None)."""
-    from her2lab.data.cohort import load_manifest
 
     try:
         table = load_manifest(str(rcfg.cohort.manifest), mpp_override=rcfg.cohort.get("mpp_override"))
@@ -122,8 +122,6 @@ def _manifest_slides(rcfg: DictConfig) -> dict[str, tuple[str, float | None]]:
 def _placed(att: SlideAttention, features_path: str, slide_path: str, mpp: float | None, prep):
     """``att`` with its tile size, level-0 µm/px and slide path filled in where the features file
     lacks them; the thumbnail (RGB) to draw on; and the reason there is none (else None)."""
-    from her2lab.slides.reader import Slide
-    from her2lab.slides.thumbnails import save_png
 
     patch = att.patch_px_level0 or tile_px_level0(features_path, att.coords)
     att = dataclasses.replace(att, patch_px_level0=patch, slide_path=slide_path or att.slide_path,

@@ -1,1 +1,2 @@
-"""Task functions behind the Hydra entry points (prepare, extract, train, evaluate)."""
+"""The tasks behind the entry points, each one function: prepare, extract, train, evaluate; and
+their glue (loggers, the encoder step, explanations, the sweep summary)."""

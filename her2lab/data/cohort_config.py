@@ -1,4 +1,4 @@
-"""Cohort config → validated manifest (generating the synthetic demo cohort when asked)."""
+"""The ``cohort`` config group → a validated manifest (the synthetic demo cohort is generated first)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from her2lab.data.cohort import load_manifest
+from her2lab.data.synthetic import SyntheticConfig, generate_cohort
 from her2lab.errors import Her2labError, ManifestError
 from her2lab.io import ensure_writable_dir
 
@@ -24,8 +25,6 @@ def resolve_cohort(cohort: DictConfig, num_workers: int = 1) -> pd.DataFrame:
     manifest = Path(cohort.manifest)
     synthetic = cohort.get("synthetic")
     if synthetic:
-        from her2lab.data.synthetic import SyntheticConfig, generate_cohort
-
         try:  # before any folder is made
             syn = SyntheticConfig(**OmegaConf.to_container(synthetic, resolve=True))
         except (TypeError, ValueError) as exc:  # unknown keys, impossible sizes, unsafe id_prefix
