@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "her2lab"
 
 # Lowest first: a module may import its own layer and the ones before it.
 LAYERS = [
-    {"her2lab", "her2lab.errors", "her2lab.io", "her2lab.progress", "her2lab.checkpoint", "her2lab.pool",
+    {"her2lab", "her2lab.errors", "her2lab.registry", "her2lab.io", "her2lab.progress", "her2lab.checkpoint", "her2lab.pool",
      "her2lab.metrics", "her2lab.plots"},
     {"her2lab.slides"},
     {"her2lab.embed"},
