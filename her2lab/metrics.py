@@ -37,6 +37,7 @@ from torchmetrics.classification import (
 )
 
 from her2lab.errors import Her2labError
+from her2lab.registry import Registry
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], float]
 
@@ -62,7 +63,10 @@ class MetricSpec:
     tables: bool = True
 
 
-_METRICS: dict[str, MetricSpec] = {}
+# Registration order is the column order of the tables, so the message lists them in it too.
+_METRICS: Registry[MetricSpec] = Registry(
+    "metric", error=UnknownMetricError, unknown="unknown metric {name!r}; known: {registered}"
+)
 
 
 def register_metric(
@@ -74,12 +78,13 @@ def register_metric(
         name: metric name (``auroc`` → ``val/auroc``, ``test/auroc``, ``pooled auroc``).
         torchmetric: builds the torchmetrics object for ``num_classes`` classes.
         tables: whether ``test/<name>`` is a column of the sweep and cross-validation tables.
+
+    Raises:
+        Her2labError: ``name`` is registered already (a metric is never silently replaced).
     """
 
     def add(fn: ScoreFn) -> ScoreFn:
-        if name in _METRICS:
-            raise Her2labError(f"metric {name!r} is registered twice; pick another name")
-        _METRICS[name] = MetricSpec(name, torchmetric, fn, tables)
+        _METRICS.register(name, MetricSpec(name, torchmetric, fn, tables))
         return fn
 
     return add
@@ -87,14 +92,12 @@ def register_metric(
 
 def unregister_metric(name: str) -> None:
     """Remove metric ``name`` (for metrics registered for a while, e.g. in a test)."""
-    _METRICS.pop(name, None)
+    _METRICS.unregister(name)
 
 
 def get_metric(name: str) -> MetricSpec:
     """The registered entry of ``name``; an unknown name lists the known ones."""
-    if name not in _METRICS:
-        raise UnknownMetricError(f"unknown metric {name!r}; known: {', '.join(_METRICS)}")
-    return _METRICS[name]
+    return _METRICS.get(name)
 
 
 def create_metric(name: str, num_classes: int) -> Metric:

@@ -17,13 +17,18 @@ from dataclasses import dataclass
 import pandas as pd
 
 from her2lab.errors import ManifestError
+from her2lab.registry import Registry
 
 #: name → (default class names, encode(manifest) → class index per row)
-_SCHEMES: dict[str, tuple[tuple[str, ...], Callable[[pd.DataFrame], pd.Series]]] = {}
+_SCHEMES: Registry[tuple[tuple[str, ...], Callable[[pd.DataFrame], pd.Series]]] = Registry(
+    "label scheme", key="labels.name", error=ManifestError
+)
 
 
 def register_label_scheme(name: str, classes: tuple[str, ...] | list[str]):
     """Decorator: register ``fn(manifest) -> pd.Series`` (class index per row) as scheme ``name``.
+
+    Registering a name again replaces the scheme registered before.
 
     Args:
         name: the ``labels.name`` that selects the scheme.
@@ -31,7 +36,7 @@ def register_label_scheme(name: str, classes: tuple[str, ...] | list[str]):
     """
 
     def deco(fn: Callable[[pd.DataFrame], pd.Series]) -> Callable[[pd.DataFrame], pd.Series]:
-        _SCHEMES[name] = (tuple(str(c) for c in classes), fn)
+        _SCHEMES.register(name, (tuple(str(c) for c in classes), fn), replace=True)
         return fn
 
     return deco
@@ -39,16 +44,12 @@ def register_label_scheme(name: str, classes: tuple[str, ...] | list[str]):
 
 def unregister_label_scheme(name: str) -> None:
     """Remove a registered scheme (no error if it is not there)."""
-    _SCHEMES.pop(name, None)
+    _SCHEMES.unregister(name)
 
 
 def list_label_schemes() -> list[str]:
     """Names of the registered label schemes, sorted."""
-    return sorted(_SCHEMES)
-
-
-def _unknown(name: str) -> ManifestError:
-    return ManifestError(f"labels.name={name!r}: use one of {', '.join(list_label_schemes())}")
+    return _SCHEMES.names()
 
 
 @dataclass(frozen=True)
@@ -58,16 +59,13 @@ class LabelScheme:
 
     def encode(self, manifest: pd.DataFrame) -> pd.Series:
         """Class index per row; raises naming the slides a scheme cannot label."""
-        if self.name not in _SCHEMES:
-            raise _unknown(self.name)
-        return _SCHEMES[self.name][1](manifest).astype(int)
+        return _SCHEMES.get(self.name)[1](manifest).astype(int)
 
 
 def label_scheme(name: str, classes: list[str] | tuple[str, ...] | None = None) -> LabelScheme:
     """The registered scheme ``name``, with ``classes`` (default: the scheme's own names)."""
-    if name not in _SCHEMES:
-        raise _unknown(name)
-    return LabelScheme(name, tuple(classes) if classes else _SCHEMES[name][0])
+    default_classes = _SCHEMES.get(name)[0]
+    return LabelScheme(name, tuple(classes) if classes else default_classes)
 
 
 create_label_scheme = label_scheme

@@ -34,6 +34,7 @@ from torch import nn
 from her2lab.checkpoint import data_only, unsafe_global
 from her2lab.errors import Her2labError
 from her2lab.io import atomic_path
+from her2lab.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,13 @@ class EncoderSource:
     hub: Callable[..., dict] | None = None  # spec → state dict of the published weights
 
 
-_ENCODERS: dict[str, EncoderSource] = {}
+_ENCODERS: Registry[EncoderSource] = Registry("encoder source", key="backbone.source", error=WeightsError)
 
 
 def register_encoder(source: str, hub: Callable[..., dict] | None = None):
     """Decorator: register ``build(spec, num_classes) -> nn.Module`` as ``backbone.source=source``.
+
+    Registering a source again replaces the builder registered before.
 
     Args:
         source: the ``backbone.source`` value that selects the builder.
@@ -71,7 +74,7 @@ def register_encoder(source: str, hub: Callable[..., dict] | None = None):
     """
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _ENCODERS[source] = EncoderSource(fn, hub)
+        _ENCODERS.register(source, EncoderSource(fn, hub), replace=True)
         return fn
 
     return deco
@@ -79,18 +82,12 @@ def register_encoder(source: str, hub: Callable[..., dict] | None = None):
 
 def unregister_encoder(source: str) -> None:
     """Remove a registered source (no error if it is not there)."""
-    _ENCODERS.pop(source, None)
+    _ENCODERS.unregister(source)
 
 
 def list_encoders() -> list[str]:
     """The registered ``backbone.source`` values, sorted."""
-    return sorted(_ENCODERS)
-
-
-def _source(source: str) -> EncoderSource:
-    if source not in _ENCODERS:
-        raise WeightsError(f"backbone.source={source!r}: use one of {', '.join(list_encoders())}")
-    return _ENCODERS[source]
+    return _ENCODERS.names()
 
 
 def timm_hub_state(name: str, model_kwargs: dict | None, what: str, key: str) -> dict[str, torch.Tensor]:
@@ -130,8 +127,7 @@ class BackboneSpec:
     model_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.source not in _ENCODERS:
-            raise WeightsError(f"backbone.source={self.source!r}: use one of {', '.join(list_encoders())}")
+        _ENCODERS.get(self.source)  # a wrong source fails when the config is read, not mid-run
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
         self.model_kwargs = dict(self.model_kwargs or {})
@@ -173,7 +169,7 @@ class Encoder(nn.Module):
 
 def create_model(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
     """Architecture with random weights; ``num_classes=0`` gives the headless encoder's module."""
-    return _source(spec.source).build(spec, num_classes)
+    return _ENCODERS.get(spec.source).build(spec, num_classes)
 
 
 def _torchvision_hub(spec: BackboneSpec) -> dict[str, torch.Tensor]:
@@ -263,7 +259,7 @@ def build_encoder(spec: BackboneSpec) -> Encoder:
 
 
 def _load_hub(enc: Encoder, spec: BackboneSpec) -> None:
-    hub = _source(spec.source).hub
+    hub = _ENCODERS.get(spec.source).hub
     if hub is None:
         raise WeightsError(f"backbone {spec.label}: source {spec.source!r} has no hub; set backbone.weights=/path/to/weights")
     try:

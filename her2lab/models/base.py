@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from her2lab.errors import Her2labError
+from her2lab.registry import Registry
 
 
 class MILNetError(Her2labError):
@@ -82,33 +83,34 @@ class MILNet(nn.Module):
         return self.classifier(self.pool(h, w, mask)), w
 
 
-_MIL_NETS: dict[str, type[MILNet]] = {}
+# No config key: configs name a net's class by ``_target_``; the names serve create_mil_net.
+_MIL_NETS: Registry[type[MILNet]] = Registry("MIL net", error=MILNetError)
 
 
 def register_mil_net(name: str):
-    """Class decorator: register a :class:`MILNet` subclass as ``name``."""
+    """Class decorator: register a :class:`MILNet` subclass as ``name``.
+
+    Registering a name again replaces the class registered before.
+    """
 
     def deco(cls: type[MILNet]) -> type[MILNet]:
         if not (isinstance(cls, type) and issubclass(cls, MILNet)):
             raise MILNetError(f"register_mil_net({name!r}): {cls!r} is not a MILNet subclass; subclass her2lab.models.base.MILNet")
-        _MIL_NETS[name] = cls
-        return cls
+        return _MIL_NETS.register(name, cls, replace=True)
 
     return deco
 
 
 def unregister_mil_net(name: str) -> None:
     """Remove a registered net (no error if it is not there)."""
-    _MIL_NETS.pop(name, None)
+    _MIL_NETS.unregister(name)
 
 
 def list_mil_nets() -> list[str]:
     """Names of the registered MIL nets, sorted."""
-    return sorted(_MIL_NETS)
+    return _MIL_NETS.names()
 
 
 def create_mil_net(name: str, **kwargs) -> MILNet:
     """The registered net ``name`` built with ``kwargs`` (e.g. ``in_dim``, ``num_classes``)."""
-    if name not in _MIL_NETS:
-        raise MILNetError(f"MIL net {name!r} is not registered; use one of {', '.join(list_mil_nets())}")
-    return _MIL_NETS[name](**kwargs)
+    return _MIL_NETS.get(name)(**kwargs)
