@@ -8,7 +8,12 @@ from omegaconf import OmegaConf
 
 from her2lab.data.inputs import BagInputs, Inputs, PatchFolderInputs, ThumbnailInputs, inputs_for
 from her2lab.errors import Her2labError
-from her2lab.explain.explainers import Explanation, get_explainer, register_explainer
+from her2lab.explain.explainers import (
+    Explanation,
+    get_explainer,
+    register_explainer,
+    unregister_explainer,
+)
 from her2lab.run.explanations import explain_tested
 
 
@@ -48,7 +53,8 @@ def test_a_data_target_that_is_not_inputs_is_one_line(data, says):
 
 
 class _Module:
-    test_outputs = [{"index": 0, "label": 1, "probs": [0.2, 0.8]}]
+    def __init__(self) -> None:
+        self.test_outputs = [{"index": 0, "label": 1, "probs": [0.2, 0.8]}]
 
 
 def test_the_inputs_explainer_runs_after_testing_and_its_failure_is_not_fatal(tmp_path: Path, caplog):
@@ -68,6 +74,7 @@ def test_the_inputs_explainer_runs_after_testing_and_its_failure_is_not_fatal(tm
     assert explain_tested(inputs, _Module(), [1], inputs.cfg, tmp_path, {"enabled": False, "limit": 1}).metrics == {}
     failed = explain_tested(inputs, _Module(), [1], inputs.cfg, tmp_path, {"limit": 1, "fail": True})
     assert failed.metrics == {} and "slide counts left out: no slide to count" in caplog.text
+    unregister_explainer("counting")
 
 
 def test_explainers_that_run_in_evaluation_only_are_left_out_of_training(tmp_path):

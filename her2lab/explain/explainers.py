@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
-from her2lab.errors import Her2labError
 from her2lab.explain.gradcam import save_gradcam
 from her2lab.explain.mil_maps import attention_maps
+from her2lab.registry import Registry
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Explainer:
     in_training: bool  # cheap enough to run after every training run (else: in evaluation only)
 
 
-_EXPLAINERS: dict[str, Explainer] = {}
+_EXPLAINERS: Registry[Explainer] = Registry("explainer")
 
 
 def register_explainer(name: str, what: str, in_training: bool = False):
@@ -49,16 +49,20 @@ def register_explainer(name: str, what: str, in_training: bool = False):
     """
 
     def deco(fn: Callable[..., Explanation]) -> Callable[..., Explanation]:
-        _EXPLAINERS[name] = Explainer(name, what, fn, in_training)
+        _EXPLAINERS.register(name, Explainer(name, what, fn, in_training))
         return fn
 
     return deco
 
 
+def unregister_explainer(name: str) -> None:
+    """Remove a registered explainer (no error if it is not there)."""
+    _EXPLAINERS.unregister(name)
+
+
 def get_explainer(name: str) -> Explainer:
-    if name not in _EXPLAINERS:
-        raise Her2labError(f"explainer {name!r} is not registered; use one of {', '.join(sorted(_EXPLAINERS))}")
-    return _EXPLAINERS[name]
+    """The explainer registered as ``name``; an unknown name is an error listing the registered ones."""
+    return _EXPLAINERS.get(name)
 
 
 @register_explainer("attention_maps", "attention maps")
