@@ -55,12 +55,16 @@ class MetricSpec:
         torchmetric: ``num_classes → Metric`` updated with (probabilities (B, C), labels (B,)).
         score: ``(labels (N,), probabilities (N, C)) → float`` (NaN where undefined).
         tables: listed in ``sweep_summary.csv`` and the cross-validation tables.
+        title: how summaries name it (``AUROC``).
+        summary: shown in the markdown summaries (cross-validation, comparisons).
     """
 
     name: str
     torchmetric: Callable[[int], Metric]
     score: ScoreFn
     tables: bool = True
+    title: str = ""
+    summary: bool = False
 
 
 # Registration order is the column order of the tables, so the message lists them in it too.
@@ -70,7 +74,8 @@ _METRICS: Registry[MetricSpec] = Registry(
 
 
 def register_metric(
-    name: str, *, torchmetric: Callable[[int], Metric], tables: bool = True
+    name: str, *, torchmetric: Callable[[int], Metric], tables: bool = True, title: str | None = None,
+    summary: bool = False,
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Register the decorated ``score(labels, probs) -> float`` as metric ``name``.
 
@@ -78,13 +83,15 @@ def register_metric(
         name: metric name (``auroc`` → ``val/auroc``, ``test/auroc``, ``pooled auroc``).
         torchmetric: builds the torchmetrics object for ``num_classes`` classes.
         tables: whether ``test/<name>`` is a column of the sweep and cross-validation tables.
+        title: its name in summaries (default: ``name``).
+        summary: whether the markdown summaries (cross-validation, comparisons) show it.
 
     Raises:
         Her2labError: ``name`` is registered already (a metric is never silently replaced).
     """
 
     def add(fn: ScoreFn) -> ScoreFn:
-        _METRICS.register(name, MetricSpec(name, torchmetric, fn, tables))
+        _METRICS.register(name, MetricSpec(name, torchmetric, fn, tables, title or name, summary))
         return fn
 
     return add
@@ -110,6 +117,11 @@ def list_metrics(tables_only: bool = False) -> list[str]:
     return [n for n, s in _METRICS.items() if s.tables or not tables_only]
 
 
+def summary_metrics() -> list[tuple[str, str]]:
+    """``(name, title)`` of the metrics the markdown summaries show, in registration order."""
+    return [(n, s.title) for n, s in _METRICS.items() if s.summary]
+
+
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     """Every registered metric as one torchmetrics collection, named ``<prefix><name>``."""
     return MetricCollection({n: create_metric(n, num_classes) for n in list_metrics()}, prefix=prefix)
@@ -129,28 +141,28 @@ def macro_auroc(y: np.ndarray, probs: np.ndarray) -> float:
 
 
 # The built-in metrics; their order is the column order of the tables.
-register_metric("auroc", torchmetric=lambda k: MulticlassAUROC(k, average="macro"))(macro_auroc)
+register_metric("auroc", torchmetric=lambda k: MulticlassAUROC(k, average="macro"), title="AUROC", summary=True)(macro_auroc)
 
 
-@register_metric("f1", torchmetric=lambda k: MulticlassF1Score(k, average="macro"))
+@register_metric("f1", torchmetric=lambda k: MulticlassF1Score(k, average="macro"), title="F1", summary=True)
 def macro_f1(y: np.ndarray, probs: np.ndarray) -> float:
     """Macro F1 of the top class over all classes (an absent class counts 0)."""
     return float(f1_score(y, probs.argmax(1), average="macro", labels=list(range(probs.shape[1])), zero_division=0))
 
 
-@register_metric("acc", torchmetric=lambda k: MulticlassAccuracy(k, average="micro"))
+@register_metric("acc", torchmetric=lambda k: MulticlassAccuracy(k, average="micro"), title="accuracy", summary=True)
 def accuracy(y: np.ndarray, probs: np.ndarray) -> float:
     """Share of items whose top class is right."""
     return float(accuracy_score(y, probs.argmax(1)))
 
 
-@register_metric("bacc", torchmetric=lambda k: MulticlassAccuracy(k, average="macro"))
+@register_metric("bacc", torchmetric=lambda k: MulticlassAccuracy(k, average="macro"), title="balanced accuracy")
 def balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
     """Mean per-class recall; NaN when ``y`` holds one class only."""
     return float(balanced_accuracy_score(y, probs.argmax(1))) if len(np.unique(y)) > 1 else float("nan")
 
 
-@register_metric("qwk", torchmetric=lambda k: MulticlassCohenKappa(k, weights="quadratic"))
+@register_metric("qwk", torchmetric=lambda k: MulticlassCohenKappa(k, weights="quadratic"), title="QWK")
 def quadratic_kappa(y: np.ndarray, probs: np.ndarray) -> float:
     """Quadratic-weighted Cohen's kappa; NaN when labels and predictions hold one class only."""
     pred = probs.argmax(1)

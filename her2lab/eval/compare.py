@@ -21,6 +21,7 @@ from her2lab.errors import Her2labError, one_line_errors
 from her2lab.eval.bootstrap import macro_auroc, patient_bootstrap, patient_resamples
 from her2lab.eval.cv import out_of_fold
 from her2lab.io import atomic_path
+from her2lab.metrics import summary_metrics
 
 
 def predictions_of(folder: Path) -> pd.DataFrame:
@@ -76,7 +77,7 @@ def compare(folders: list[Path], n_boot: int = 2000, seed: int = 0) -> pd.DataFr
     for i, (folder, p) in enumerate(zip(folders, preds, strict=True)):
         ci = patient_bootstrap(p, n=n_boot, seed=seed).set_index("metric")
         row = {"experiment": label_of(Path(folder)), "slides": len(p)}
-        for m in ("auroc", "f1", "acc"):
+        for m, _ in summary_metrics():
             row.update({m: ci.loc[m, "value"], f"{m} lo": ci.loc[m, "lo"], f"{m} hi": ci.loc[m, "hi"]})
         if i > 0:
             row.update(paired_auroc(preds[0], p, n=n_boot, seed=seed))
@@ -85,10 +86,13 @@ def compare(folders: list[Path], n_boot: int = 2000, seed: int = 0) -> pd.DataFr
 
 
 def markdown(table: pd.DataFrame) -> str:
-    lines = ["| experiment | slides | AUROC [95% CI] | F1 [95% CI] | accuracy [95% CI] | ΔAUROC vs first [95% CI] | p |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """One row per experiment: each summary metric (the registry's) with its patient-bootstrap
+    interval, and the paired ΔAUROC against the first."""
+    shown = summary_metrics()
+    head = ["experiment", "slides", *(f"{t} [95% CI]" for _, t in shown), "ΔAUROC vs first [95% CI]", "p"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for i, r in table.iterrows():
-        cells = [f"{r[m]:.3f} [{r[f'{m} lo']:.3f}, {r[f'{m} hi']:.3f}]" for m in ("auroc", "f1", "acc")]
+        cells = [f"{r[m]:.3f} [{r[f'{m} lo']:.3f}, {r[f'{m} hi']:.3f}]" for m, _ in shown]
         if i == 0:
             delta, p = "(reference)", ""
         else:

@@ -22,6 +22,7 @@ from her2lab.errors import Her2labError, one_line_errors
 from her2lab.eval.bootstrap import patient_bootstrap
 from her2lab.eval.jobs import fold_metric_columns, summarize_sweep
 from her2lab.io import atomic_path
+from her2lab.metrics import summary_metrics
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +89,23 @@ def _ci(row: pd.Series, m: str) -> str:
     return f"{v:.3f} [{row[f'pooled {m} lo']:.3f}, {row[f'pooled {m} hi']:.3f}]"
 
 
+def _mean_sd(row: pd.Series, m: str) -> str:
+    mean, sd = row.get(f"{m} mean", np.nan), row.get(f"{m} sd", np.nan)
+    if np.isfinite(sd):
+        return f"{mean:.3f} ± {sd:.3f}"
+    return f"{mean:.3f}" if np.isfinite(mean) else "–"
+
+
 def markdown(table: pd.DataFrame) -> str:
-    lines = [
-        "| setting | folds | test AUROC mean ± sd | test F1 mean ± sd | pooled AUROC [95% CI] | pooled F1 [95% CI] | pooled acc [95% CI] |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    """The summary table: per setting, the folds, then for each summary metric (the registry's)
+    its mean ± sd over folds and its pooled value with the patient-bootstrap interval."""
+    shown = summary_metrics()
+    head = ["setting", "folds", *(f"test {t} mean ± sd" for _, t in shown), *(f"pooled {t} [95% CI]" for _, t in shown)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for _, r in table.iterrows():
-        ms = [f"{r[f'{m} mean']:.3f} ± {r[f'{m} sd']:.3f}" if np.isfinite(r[f"{m} sd"]) else (
-            f"{r[f'{m} mean']:.3f}" if np.isfinite(r[f"{m} mean"]) else "–") for m in ("test/auroc", "test/f1")]
+        ms = [_mean_sd(r, f"test/{m}") for m, _ in shown]
         folds = f"{int(r.folds_done)}" + (f" (+{int(r.folds_left_out)} failed/unfinished: jobs {r.left_out_jobs})" if r.folds_left_out else "")
-        lines.append(f"| `{r.setting}` | {folds} | {ms[0]} | {ms[1]} | {_ci(r, 'auroc')} | {_ci(r, 'f1')} | {_ci(r, 'acc')} |")
+        lines.append(f"| `{r.setting}` | {folds} | {' | '.join(ms)} | {' | '.join(_ci(r, m) for m, _ in shown)} |")
     lines.append("")
     lines.append("Pooled: all test predictions of a setting's folds together (each slide once); intervals: "
                  "percentile bootstrap resampling patients.")
