@@ -20,10 +20,10 @@ optionally with ``hub=state(spec)`` for ``weights: hub``.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import importlib
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,24 +31,36 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from her2lab.checkpoint import data_only, unsafe_global
-from her2lab.errors import Her2labError
-from her2lab.io import atomic_path
+from her2lab.embed.weights import (
+    WeightsError,
+    file_sha256,
+    hf_hub_weights,
+    load_state,
+    load_weights,
+    read_state_dict,
+    save_encoder,
+    state_sha256,
+    weights_file,
+)
 from her2lab.registry import Registry
+
+__all__ = [
+    "POOLINGS", "BackboneSpec", "Encoder", "WeightsError", "build_classifier", "build_encoder", "create_model",
+    "file_sha256", "headless_state", "list_encoders", "load_state", "load_weights", "read_state_dict",
+    "register_encoder", "save_encoder", "state_sha256", "timm_hub_state", "unregister_encoder", "weights_file",
+]
 
 log = logging.getLogger(__name__)
 
+#: How an encoder's embedding is read: its own output, or a ViT's class token, class token ⊕
+#: mean patch token, or mean patch token.
+POOLINGS = ("model", "cls", "cls_mean", "mean")
+#: Modules whose classes a preset may name as a timm layer (``mlp_layer: timm.layers.SwiGLUPacked``);
+#: nothing else is imported from a config.
+LAYER_MODULES = ("timm.layers", "torch.nn")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: Prefixes stripped from checkpoint keys (Lightning modules, DDP, common wrappers).
-KEY_PREFIXES = (
-    "model.encoder.", "encoder.", "model.model.", "model.", "module.", "backbone.", "net.",
-    "model.features.", "features.", "encoder.model.",
-)
 
-
-class WeightsError(Her2labError):
-    """Encoder weights cannot be found or do not fit the architecture."""
 
 
 @dataclass(frozen=True)
@@ -125,16 +137,23 @@ class BackboneSpec:
     description: str = ""
     pretrain_experiment: str = ""  # the experiment that makes ``weights`` (transfer-learning step)
     model_kwargs: dict = field(default_factory=dict)
+    pooling: str = "model"  # model | cls | cls_mean | mean (see POOLINGS)
+    hf_hub_id: str = ""  # Hugging Face repository of the authors' weights, for weights=hub
+    licence: str = ""  # the weights' licence and gating, for the docs and the features file
 
     def __post_init__(self) -> None:
         _ENCODERS.get(self.source)  # a wrong source fails when the config is read, not mid-run
+        if self.pooling not in POOLINGS:
+            raise WeightsError(f"backbone.pooling={self.pooling!r}: use one of {', '.join(POOLINGS)}")
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
         self.model_kwargs = dict(self.model_kwargs or {})
 
     @property
     def label(self) -> str:
-        return self.preset or self.name.replace("/", "_").replace(":", "_")
+        """The features folder's name: the preset's, else the model's, as one safe path part
+        (``hf-hub:org/model`` → ``hf-hub_org_model``)."""
+        return re.sub(r"[^A-Za-z0-9._+=@-]", "_", self.preset or self.name)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -143,19 +162,36 @@ class BackboneSpec:
 
 
 class Encoder(nn.Module):
-    """A frozen feature extractor: ``(B, 3, H, W)`` → ``(B, embed_dim)``."""
+    """A frozen feature extractor: ``(B, 3, H, W)`` → ``(B, embed_dim)``.
+
+    ``spec.pooling`` says how the embedding is read (:data:`POOLINGS`): the model's own output,
+    or, for a ViT, from its tokens: the class token, the class token concatenated with the mean
+    of the patch tokens (Virchow's embedding), or the patch-token mean. Register tokens are
+    never patch tokens.
+    """
 
     def __init__(self, model: nn.Module, spec: BackboneSpec) -> None:
         super().__init__()
+        if spec.pooling != "model" and not (hasattr(model, "forward_features") and hasattr(model, "num_prefix_tokens")):
+            raise WeightsError(f"backbone {spec.label}: pooling={spec.pooling} reads a ViT's tokens, but "
+                               f"{spec.name} has none; use backbone.pooling=model")
         self.model = model
         self.spec = spec
         self.weights_source = "random"
         self.weights_sha256 = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # timm with num_classes=0 returns pooled features; AlexNet's conv stack is flattened as in
-        # the study's code (256 × 2 × 2 = 1024-d at 96 px).
-        return torch.flatten(self.model(x), 1)  # (B, D)
+        if self.spec.pooling == "model":
+            # timm with num_classes=0 returns pooled features; AlexNet's conv stack is flattened as
+            # in the study's code (256 × 2 × 2 = 1024-d at 96 px).
+            return torch.flatten(self.model(x), 1)  # (B, D)
+        tokens = self.model.forward_features(x)  # (B, T, D): class token, registers, then patches
+        cls, patches = tokens[:, 0], tokens[:, self.model.num_prefix_tokens :]  # (B, D), (B, P, D)
+        if self.spec.pooling == "cls":
+            return cls
+        if self.spec.pooling == "mean":
+            return patches.mean(1)
+        return torch.cat([cls, patches.mean(1)], dim=-1)  # (B, 2D)
 
     @torch.no_grad()
     def output_dim(self) -> int:
@@ -201,6 +237,8 @@ def _torchvision_model(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
 
 
 def _timm_hub(spec: BackboneSpec) -> dict[str, torch.Tensor]:
+    if spec.hf_hub_id:
+        return read_state_dict(hf_hub_weights(spec.hf_hub_id, f"backbone {spec.label}"), f"backbone {spec.label}")[0]
     return timm_hub_state(spec.name, spec.model_kwargs, f"backbone {spec.label}", "backbone.weights")
 
 
@@ -208,11 +246,26 @@ def _timm_hub(spec: BackboneSpec) -> dict[str, torch.Tensor]:
 def _timm_model(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
     import timm
 
+    kwargs = {k: _layer(k, v) if k.endswith("_layer") else v for k, v in spec.model_kwargs.items()}
     try:
-        model = timm.create_model(spec.name, pretrained=False, num_classes=num_classes, **spec.model_kwargs)
+        model = timm.create_model(spec.name, pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as exc:  # timm: "Unknown model (…)"
         raise WeightsError(f"backbone.name={spec.name!r}: {str(exc).splitlines()[0]}; see timm.list_models()") from None
     return model
+
+
+def _layer(key: str, value):
+    """A ``*_layer`` model kwarg: ``timm.layers.X`` or ``torch.nn.X`` names that class; any other
+    value (timm's own names such as ``silu``) goes to timm as it is."""
+    if not isinstance(value, str) or "." not in value:
+        return value
+    module, _, name = value.rpartition(".")
+    if module not in LAYER_MODULES:
+        raise WeightsError(f"backbone.model_kwargs.{key}={value!r}: only classes of {' or '.join(LAYER_MODULES)} can be named")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except AttributeError:
+        raise WeightsError(f"backbone.model_kwargs.{key}={value!r}: {module} has no {name}") from None
 
 
 def headless_state(classifier: nn.Module, spec: BackboneSpec) -> dict[str, torch.Tensor]:
@@ -235,7 +288,7 @@ def build_encoder(spec: BackboneSpec) -> Encoder:
     if spec.weights == "hub":
         _load_hub(enc, spec)
     elif spec.weights:
-        path = Path(os.path.expanduser(str(spec.weights)))
+        path = weights_file(Path(os.path.expanduser(str(spec.weights))), f"backbone {spec.label}")
         load_weights(enc.model, path, what=f"backbone {spec.label}")
         enc.weights_source = "file"
         enc.weights_sha256 = file_sha256(path)
@@ -274,117 +327,6 @@ def _load_hub(enc: Encoder, spec: BackboneSpec) -> None:
     load_state(enc.model, state, f"backbone {spec.label}", "hub weights")
     enc.weights_source = "hub"
     enc.weights_sha256 = state_sha256(enc.model.state_dict())
-
-
-def read_state_dict(path: Path, what: str = "weights") -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and metadata from a safetensors file, a state dict or a (Lightning) checkpoint."""
-    if not path.is_file():
-        raise WeightsError(f"{what}: weights file {path} not found; check backbone.weights")
-    meta: dict = {}
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        else:
-
-            with data_only():  # weights-only: a file that would run code while read is refused
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-                meta = {k: v for k, v in obj.items() if isinstance(v, str | int | float)}
-                obj = obj["state_dict"]
-            elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-                obj = obj["model"]
-            if not isinstance(obj, dict):
-                raise WeightsError(f"{what}: {path} holds a {type(obj).__name__}, not a state dict")
-            state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    except WeightsError:
-        raise
-    except Exception as exc:
-
-        if unsafe_global(exc):
-            raise WeightsError(f"{what}: {path} refused: it holds objects beyond tensors ({unsafe_global(exc)}), and "
-                               "loading it could run code; use a .safetensors file or a plain state dict you trust") from None
-        raise WeightsError(f"{what}: {path} is not a readable weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
-    return state, meta
-
-
-def load_weights(model: nn.Module, path: Path, what: str = "weights") -> None:
-    """Load ``path`` into ``model``; report mismatched keys by name.
-
-    Keys are matched after stripping common prefixes (``model.encoder.``, ``module.`` …);
-    classifier-head keys the headless encoder does not have are ignored.
-    """
-    state, _ = read_state_dict(path, what)
-    load_state(model, state, what, str(path))
-
-
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str, where: str) -> None:
-    """Load a state dict with prefix matching; mismatches are one error naming the keys."""
-    own = model.state_dict()
-    state = _match_prefix(state, own)
-    head = {k for k in state if k not in own and _is_head_key(k)}
-    unexpected = sorted(k for k in state if k not in own and k not in head)
-    missing = sorted(k for k in own if k not in state)
-    shape = sorted(k for k in own if k in state and state[k].shape != own[k].shape)
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(unexpected[:3])}")
-        if shape:
-            k = shape[0]
-            parts.append(f"shape mismatch at {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-        raise WeightsError(f"{what}: {where} does not fit the architecture: {'; '.join(parts)}; check backbone.name")
-    model.load_state_dict({k: v for k, v in state.items() if k in own})
-
-
-def _match_prefix(state: dict, own: dict) -> dict:
-    """Strip the first prefix that makes the file's keys line up with the model's."""
-    best, best_hits = state, sum(k in own for k in state)
-    for p in KEY_PREFIXES:
-        cand = {k[len(p) :] if k.startswith(p) else k: v for k, v in state.items()}
-        hits = sum(k in own for k in cand)
-        if hits > best_hits:
-            best, best_hits = cand, hits
-    return best
-
-
-def _is_head_key(key: str) -> bool:
-    return key.split(".")[0] in ("fc", "head", "classifier", "heads", "last_linear")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def state_sha256(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def save_encoder(model: nn.Module, spec: BackboneSpec, path: Path, extra: dict | None = None) -> Path:
-    """Export a headless encoder module (``create_model(spec)``'s form) as safetensors.
-
-    The spec travels in the metadata, so the file says what it is.
-    """
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"her2lab_backbone": json.dumps(spec.to_dict()), **{k: str(v) for k, v in (extra or {}).items()}}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-    return path
 
 
 def build_classifier(backbone: dict, num_classes: int, init_weights: str | None = None) -> nn.Module:
