@@ -288,7 +288,14 @@ def build_encoder(spec: BackboneSpec) -> Encoder:
     if spec.weights == "hub":
         _load_hub(enc, spec)
     elif spec.weights:
-        path = weights_file(Path(os.path.expanduser(str(spec.weights))), f"backbone {spec.label}")
+        path = Path(os.path.expanduser(str(spec.weights)))
+        if not path.exists() and spec.hf_hub_id:
+            raise WeightsError(
+                f"backbone {spec.label}: no weights at {path}; request access at https://huggingface.co/"
+                f"{spec.hf_hub_id}, then `hf download {spec.hf_hub_id} --local-dir {path}`, or set "
+                "backbone.weights=hub (downloads with your Hugging Face token)"
+            )
+        path = weights_file(path, f"backbone {spec.label}")
         load_weights(enc.model, path, what=f"backbone {spec.label}")
         enc.weights_source = "file"
         enc.weights_sha256 = file_sha256(path)

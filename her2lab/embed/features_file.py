@@ -33,9 +33,17 @@ from her2lab.slides.tiling import TilingParams
 log = logging.getLogger(__name__)
 
 #: What made the features: two cohorts' files fit one model only if these agree.
-ENCODER_KEYS = ("encoder", "encoder_source", "encoder_weights_sha256", "input_px", "target_mpp", "patch_px")
+ENCODER_KEYS = ("encoder", "encoder_source", "encoder_weights_sha256", "input_px", "target_mpp", "patch_px", "pooling")
 #: Compared to decide whether an existing features file is stale.
 IDENTITY_KEYS = (*ENCODER_KEYS, "features_dtype", "tiles_param_hash")
+#: Identity keys added after files were made without them, with the value such a file has: a key
+#: at its default is left out of the hash, so those files stay current.
+KEY_DEFAULTS = {"pooling": "model"}
+
+
+def identity_hash(attrs: dict) -> str:
+    """The hash of a features file's identity (:data:`IDENTITY_KEYS`)."""
+    return param_hash({k: attrs[k] for k in IDENTITY_KEYS if not (k in KEY_DEFAULTS and attrs.get(k) == KEY_DEFAULTS[k])})
 
 
 def features_dir(cache_dir: str | Path, tiling: TilingParams, backbone_label: str) -> Path:
@@ -60,6 +68,7 @@ def features_attrs(encoder: Encoder, tiles: SlideTiles, dtype: str) -> dict:
         "embed_dim": int(spec.embed_dim or 0),
         "input_px": spec.input_px,
         "transform": json.dumps({"mean": list(spec.mean), "std": list(spec.std), "scale": "1/255", "resize": "none"}),
+        "pooling": spec.pooling,
         "features_dtype": dtype,
         "target_mpp": float(a["target_mpp"]),
         "patch_px": int(a["patch_px"]),
@@ -70,7 +79,7 @@ def features_attrs(encoder: Encoder, tiles: SlideTiles, dtype: str) -> dict:
         "tiles_param_hash": str(a["param_hash"]),
         "her2lab_version": __version__,
     }
-    attrs["param_hash"] = param_hash({k: attrs[k] for k in IDENTITY_KEYS})
+    attrs["param_hash"] = identity_hash(attrs)
     return attrs
 
 
@@ -95,7 +104,8 @@ def check_features_file(path: Path, want: dict, overwrite: bool = False) -> bool
             f"{path}: a features file not made by her2lab (no encoder attributes); move it out of "
             "this folder, or set extract.overwrite=true to replace it"
         )
-    diffs = [f"{k}={have.get(k)!r} (now {want[k]!r})" for k in IDENTITY_KEYS if have.get(k) != want[k]]
+    diffs = [f"{k}={have.get(k, KEY_DEFAULTS.get(k))!r} (now {want[k]!r})" for k in IDENTITY_KEYS
+             if have.get(k, KEY_DEFAULTS.get(k)) != want[k]]
     raise StaleCacheError(f"{path}: made with {', '.join(diffs)}; set extract.overwrite=true or use another backbone name")
 
 

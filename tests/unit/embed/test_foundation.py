@@ -136,6 +136,14 @@ def test_a_single_weights_file_and_a_file_of_another_model(tmp_path):
         build_encoder(BackboneSpec(**{**spec, "weights": str(empty)}))
 
 
+def test_a_preset_without_its_weights_says_where_to_get_them(tmp_path):
+    spec = _preset("virchow2", f"paths.weights_dir={tmp_path}")
+    assert spec["weights"] == str(tmp_path / "virchow2")
+    with pytest.raises(WeightsError, match=rf"backbone virchow2: no weights at {tmp_path}/virchow2; request access at "
+                       r"https://huggingface.co/paige-ai/Virchow2, then `hf download paige-ai/Virchow2 --local-dir"):
+        build_encoder(BackboneSpec(**spec))
+
+
 def test_feature_folders_are_named_by_the_preset_never_by_a_hub_path():
     assert BackboneSpec(name="hf-hub:paige-ai/Virchow2", preset="").label == "hf-hub_paige-ai_Virchow2"
     assert BackboneSpec(name="resnet18", preset="hf-hub:org/x").label == "hf-hub_org_x"
