@@ -18,6 +18,14 @@ both on tiles at 0.5 µm/px:
    against the pipeline's time (``num_workers=0``).
 3. Storage: bytes on disk of one slide's features file written with ``dtype="float16"`` (the
    default) against ``dtype="float32"``.
+4. The forward itself, for ResNet-50 truncated after layer 3 (CLAM's and TRIDENT's ``resnet50``
+   encoder, 1024-d): her2lab's inference encoder (BatchNorm folded, channels-last, as
+   ``Embedder`` runs it) against the plain model in its default memory layout (what CLAM's
+   ``extract_features_fp.py`` runs; CLAM itself is not installed here) and against the plain
+   model channels-last; patches/s on the same in-memory batches.
+
+The model-only baseline of (1) is the encoder exactly as the pipeline runs it (``Embedder``'s
+inference encoder), so the ratio is the pipeline's overhead alone.
 
 The competing variants run side by side in each round (their order rotating between rounds)
 after one warm-up pass; the table gives the median over rounds of each, and the ratio is the
@@ -29,6 +37,7 @@ Run: ``python bench/extract.py`` (``--quick`` for a smoke run; ``--help`` for th
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import shutil
@@ -39,11 +48,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from her2lab.data.cohort import load_manifest
 from her2lab.data.synthetic import SyntheticConfig, generate_cohort
-from her2lab.embed.backbones import BackboneSpec, Encoder, build_encoder
+from her2lab.embed.backbones import BackboneSpec, Encoder, build_encoder, register_encoder
 from her2lab.embed.extract import (
     Embedder,
     ExtractSettings,
@@ -58,6 +68,19 @@ from her2lab.slides.tissue import TissueParams
 
 BATCH = 64
 WORKERS = ["0", "0t", "1"]  # num_workers; "t": with the prefetch thread (the default)
+TRUNC_BATCHES = 4  # batches of BATCH tiles in the forward comparison (4)
+
+
+@register_encoder("bench_resnet50_trunc")
+def _resnet50_trunc(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
+    """ResNet-50 up to layer 3, average-pooled: the 1024-d encoder CLAM and TRIDENT call resnet50."""
+    import timm
+
+    net = timm.create_model("resnet50", pretrained=False, num_classes=0)
+    return nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool, net.layer1, net.layer2, net.layer3,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
 ENCODERS = {
     "light (AlexNet@96)": BackboneSpec(
         name="alexnet", source="torchvision", input_px=96, pretrained=False
@@ -117,11 +140,37 @@ def run_pipeline(case: Case, out: Path, mode: str, dtype: str = "float16", items
 
 
 def run_model(case: Case) -> float:
+    net = case.embedder.encoder  # as the pipeline runs it
     with torch.inference_mode():
         t0 = time.perf_counter()
         for b in case.batches:
-            case.encoder(case.inputs[b])
+            net(case.inputs[b])
         return time.perf_counter() - t0
+
+
+def run_forwards(rounds: int) -> dict[str, list[float]]:
+    """Seconds for TRUNC_BATCHES batches through ResNet-50-trunc: her2lab's inference encoder,
+    the plain model in its default (NCHW) layout, and the plain model channels-last."""
+    enc = build_encoder(BackboneSpec(name="resnet50_trunc", source="bench_resnet50_trunc", pretrained=False))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, 3, 224, 224, generator=gen)
+    nets = {"her2lab": (Embedder(enc, device="cpu").encoder, x.contiguous(memory_format=torch.channels_last)),
+            "plain": (enc, x)}
+    plain_cl = copy.deepcopy(enc).to(memory_format=torch.channels_last)
+    nets["plain_cl"] = (plain_cl, x.contiguous(memory_format=torch.channels_last))
+    out = {k: [] for k in nets}
+    with torch.inference_mode():
+        for net, inp in nets.values():  # warm-up
+            net(inp)
+        for r in range(rounds):
+            keys = list(nets)
+            for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+                net, inp = nets[k]
+                t0 = time.perf_counter()
+                for _ in range(TRUNC_BATCHES):
+                    net(inp)
+                out[k].append(time.perf_counter() - t0)
+    return out
 
 
 def run_read(case: Case) -> tuple[float, list[torch.Tensor]]:
@@ -201,6 +250,7 @@ def main() -> None:
                 for w in WORKERS:
                     ratio[case.label][w].append(got["model"] / got[f"pipe{w}"])
 
+        forwards = run_forwards(args.rounds)
         storage = {}
         for case in cases:  # deterministic: one run per dtype, on the first slide
             sizes = {}
@@ -262,6 +312,15 @@ def main() -> None:
                 f"| {case.label}: features file bytes, 1 slide ({n1} tiles x {d}-d), float16 "
                 f"(baseline: float32) | {s['float16']} | {s['float32']} "
                 f"| {s['float16'] / s['float32']:.2f}x |"
+            )
+        n_fwd = TRUNC_BATCHES * BATCH
+        for base, what in (("plain", "plain model, default NCHW layout (as CLAM runs it)"),
+                           ("plain_cl", "plain model, channels-last")):
+            print(
+                f"| ResNet-50-trunc@224 (1024-d): forward patches/s, her2lab's inference encoder "
+                f"(BatchNorm folded, channels-last) (baseline: {what}) | {n_fwd / med(forwards['her2lab']):.1f} "
+                f"| {n_fwd / med(forwards[base]):.1f} "
+                f"| {med(b / a for a, b in zip(forwards['her2lab'], forwards[base], strict=True)):.2f}x |"
             )
         print(
             "\nMedians over rounds; ratio = median of per-round ratios (patches/s: pipeline "
