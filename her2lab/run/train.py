@@ -112,8 +112,9 @@ def _write_outputs(cfg: DictConfig, inputs: Inputs, module: pl.LightningModule, 
                    metrics: dict, run_dir: Path, loggers: list) -> None:
     """Predictions, confusion matrix and metrics; then explanations, W&B charts, the exported encoder."""
     classes = [str(c) for c in cfg.labels.classes] if cfg.get("labels") else None
-    tested = dm.datasets["test" if "test" in dm.datasets else "val"]
-    if getattr(module, "test_outputs", None):
+    datasets = getattr(dm, "datasets", {})  # a patch folder has no slides to name
+    tested = datasets.get("test", datasets.get("val"))
+    if getattr(module, "test_outputs", None) and tested is not None:
         write_predictions(module.test_outputs, tested.records, list(cfg.labels.classes), cfg.fold,
                           run_dir / "predictions.csv")
     if "test/confusion_matrix" in metrics and classes:
