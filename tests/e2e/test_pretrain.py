@@ -20,7 +20,7 @@ from her2lab.embed.backbones import (
     read_state_dict,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

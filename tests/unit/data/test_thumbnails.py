@@ -28,7 +28,7 @@ from her2lab.slides.prepare import PrepareSettings, prepare_cohort
 from her2lab.slides.tiling import TilingParams
 from her2lab.slides.tissue import TissueParams
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

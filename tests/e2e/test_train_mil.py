@@ -14,7 +14,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from her2lab.embed.backbones import BackboneSpec, create_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent / "her2lab"
+ROOT = Path(__file__).resolve().parents[2] / "her2lab"
 
 # Lowest first: a module may import its own layer and the ones before it.
 LAYERS = [

@@ -24,7 +24,7 @@ from her2lab import CONF_DIR
 from her2lab.embed.backbones import BackboneSpec, create_model
 from her2lab.errors import Her2labError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _base(root: Path) -> list[str]:

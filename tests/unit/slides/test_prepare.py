@@ -20,7 +20,7 @@ from her2lab.slides.tiling import TilingParams
 from her2lab.slides.tissue import TissueParams
 from tests.conftest import gradient_rgb
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _settings(cache, **kw):
