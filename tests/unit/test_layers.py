@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2] / "her2lab"
 
+
 # Lowest first: a module may import its own layer and the ones before it.
 LAYERS = [
     {"her2lab", "her2lab.errors", "her2lab.io", "her2lab.progress", "her2lab.checkpoint", "her2lab.pool",
@@ -27,6 +28,7 @@ LAYERS = [
     {"her2lab.run"},
     {"her2lab.prepare", "her2lab.extract", "her2lab.cv", "her2lab.compare"},  # python -m entry points
 ]
+
 
 # (importer, imported): upward imports that are known and have a reason; any other fails.
 KNOWN_UPWARD: set[tuple[str, str]] = set()

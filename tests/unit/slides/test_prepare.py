@@ -1,10 +1,17 @@
+from __future__ import annotations
+
+import errno
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import pandas as pd
@@ -18,9 +25,7 @@ from her2lab.slides.prepare import PrepareSettings, prepare_cohort
 from her2lab.slides.tiles_file import read_tiles_h5
 from her2lab.slides.tiling import TilingParams
 from her2lab.slides.tissue import TissueParams
-from tests.conftest import gradient_rgb
-
-REPO = Path(__file__).resolve().parents[3]
+from tests.helpers import REPO, gradient_rgb, hand_manifest, hand_settings, prepare_thumbnails
 
 
 def _settings(cache, **kw):
@@ -127,31 +132,185 @@ def test_unwritable_output_folder(hne_cohort, tmp_path):
         prepare_cohort(manifest, _settings(blocker / "cache"))
 
 
-def _run(args, cwd, env_extra=None):
-    env = {**os.environ, "HER2LAB_DATA_DIR": str(cwd / "data"), "HER2LAB_LOG_DIR": str(cwd / "logs"), **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "her2lab.prepare", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+def test_thumbnail_finer_than_the_slide_is_a_clear_error(ihc_cohort, tmp_path):
+    root, _ = ihc_cohort
+    manifest = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False).head(1)
+    manifest["path"] = [str(root / p) for p in manifest.path]
+    manifest["mpp"] = np.nan
+    settings = PrepareSettings(cache_dir=tmp_path, tiling=TilingParams(target_mpp=2.0, patch_px=64), tissue=TissueParams(),
+                               thumb_mpp=0.25, qc=False)
+    report = prepare_cohort(manifest, settings, num_workers=1)
+    assert report.status[0] == "failed" and "finer than the slide's level 0 (0.5 µm/px)" in report.error[0]
 
 
-def test_hydra_entry_builds_demo_cohort(tmp_path):
-    args = ["cohort=demo", "cohort.synthetic.n_slides=4", "cohort.synthetic.n_pairs=1", "num_workers=2"]
-    res = _run(args, tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
-    cache = tmp_path / "data" / "demo"
-    report = pd.read_csv(cache / "prepare_report.csv")
-    assert len(report) == 4 and (report.status == "done").all()
-    assert len(list((cache / "qc" / "0.5mpp_224px_0px_overlap").glob("*.png"))) == 4
-    assert len(list((cache / "thumbs" / "8mpp").glob("*.png"))) == 4
-    res = _run([*args, "tiling=paper_a"], tmp_path)  # another tiling lands beside the first
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert len(list((cache / "tiles" / "0.5mpp_96px_0px_overlap").glob("*.h5"))) == 4
+def test_thumbnail_coarser_than_the_lowest_level_is_made_by_downsampling(ihc_cohort, tmp_path):
+    root, cfg = ihc_cohort
+    settings, manifest = prepare_thumbnails(tmp_path, root, thumb_mpp=64.0)  # lowest level: 8 µm/px
+    img = cv2.imread(str(settings.thumb_path(manifest.slide_id[0])))
+    assert img.shape[:2] == (round(cfg.height_px * cfg.mpp / 64), round(cfg.width_px * cfg.mpp / 64))
 
 
-def test_hydra_entry_bad_manifest_is_one_line(tmp_path):
-    (tmp_path / "m.csv").write_text("slide_id,path\na,a.svs\n")
-    res = _run(["cohort=custom", f"cohort.manifest={tmp_path / 'm.csv'}"], tmp_path)
-    assert res.returncode == 1
-    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and "missing column(s) patient_id, her2_score" in lines[-1]
-    assert "Traceback" not in res.stderr
+def test_a_corrected_mpp_reprepares_the_slide(slides, tmp_path):
+    settings = hand_settings(tmp_path / "cache")
+    prepare_cohort(hand_manifest(tmp_path, [("dpi72", str(slides / "dpi72.tiff"), "0.5")]), settings)
+    report = prepare_cohort(hand_manifest(tmp_path, [("dpi72", str(slides / "dpi72.tiff"), "0.25")]), settings)
+    assert list(report.status) == ["done"]  # not "skipped" with tiles cut at 0.5 µm/px
+    _, attrs = read_tiles_h5(settings.tiles_path("dpi72"))
+    assert attrs["level0_mpp"] == 0.25 and attrs["patch_px_level0"] == 512
+
+
+def test_slide_coarser_than_the_mask_is_segmented_at_its_own_resolution(slides, tmp_path):
+    manifest = hand_manifest(tmp_path, [("coarse", str(slides / "coarse.tiff"), "")])
+    settings = hand_settings(tmp_path / "cache", tiling=TilingParams(target_mpp=20.0, patch_px=16), thumb_mpp=16.0)
+    report = prepare_cohort(manifest, settings)
+    assert list(report.status) == ["done"], report.error.tolist()
+    with h5py.File(settings.tiles_path("coarse")) as f:
+        mask, attrs = f["tissue_mask"][:], dict(f.attrs)
+        frac = f["tissue_fraction"][:]
+    assert mask.shape == (512, 512) and attrs["mask_mpp"] == pytest.approx(10.0)  # not upsampled to 640
+    # tissue area in mm² from the mask at its recorded mpp: the ellipse is π·(170 px · 10 µm)²
+    want = np.pi * (170 * 10e-3) ** 2
+    assert report.tissue_mm2[0] == pytest.approx(want, rel=0.05)
+    assert mask.sum() * attrs["mask_mpp"] ** 2 / 1e6 == pytest.approx(want, rel=0.05)
+    assert (frac >= 0.5).all() and len(frac) == pytest.approx(want / (0.32**2), rel=0.15)
+    thumb = cv2.imread(str(settings.thumb_path("coarse")))
+    assert thumb.shape[:2] == (320, 320)  # 512 px × 10 / 16
+
+
+# --- one bad slide among good ones -----------------------------------------------------------
+
+def test_bad_resolution_slide_fails_alone_in_prepare_and_an_override_fixes_it(slides, tmp_path):
+    manifest = hand_manifest(tmp_path, [("good", str(slides / "good.tiff"), ""),
+                                    ("dpi72", str(slides / "dpi72.tiff"), "")])
+    settings = hand_settings(tmp_path / "cache")
+    report = prepare_cohort(manifest, settings, num_workers=2).set_index("slide_id")
+    assert report.status["good"] == "done" and report.status["dpi72"] == "failed"
+    failures = pd.read_csv(tmp_path / "cache" / "failures.csv").set_index("slide_id")["error"]
+    assert list(failures.index) == ["dpi72"] and "mpp_override" in failures["dpi72"]
+    assert not settings.tiles_path("dpi72").exists()
+    # the advice followed: the same pixels at 0.5 µm/px tile exactly like the good slide
+    manifest = hand_manifest(tmp_path, [("good", str(slides / "good.tiff"), ""),
+                                    ("dpi72", str(slides / "dpi72.tiff"), "0.5")])
+    report = prepare_cohort(manifest, settings).set_index("slide_id")
+    assert report.status["good"] == "skipped" and report.status["dpi72"] == "done"
+    good, _ = read_tiles_h5(settings.tiles_path("good"))
+    fixed, attrs = read_tiles_h5(settings.tiles_path("dpi72"))
+    assert attrs["mpp_source"] == "override" and attrs["patch_px_level0"] == 256
+    assert len(good) > 20 and np.array_equal(good, fixed)
+
+
+# --- full disk --------------------------------------------------------------------------------
+
+def _enospc(*_a, **_k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_writing_the_reports_is_one_line_and_keeps_the_slides(slides, tmp_path, monkeypatch, caplog):
+    manifest = hand_manifest(tmp_path, [("good", str(slides / "good.tiff"), ""),
+                                    ("dpi72", str(slides / "dpi72.tiff"), "")])
+    settings = hand_settings(tmp_path / "cache", qc=True)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", _enospc)
+    with caplog.at_level(logging.WARNING), pytest.raises(OutputError) as err:
+        prepare_cohort(manifest, settings)
+    msg = str(err.value)
+    assert "\n" not in msg and "prepare_report.csv" in msg and "disk full" in msg and "cohort.cache_dir" in msg
+    # the failed slide's reason was logged before the reports were attempted
+    assert any("dpi72.tiff" in r.getMessage() and "mpp_override" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    coords, attrs = read_tiles_h5(settings.tiles_path("good"))
+    assert len(coords) > 20 and attrs["slide_id"] == "good"
+    assert cv2.imread(str(settings.thumb_path("good"))) is not None and settings.qc_path("good").exists()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp" in p.name]
+    # resumes: nothing redone, reports now written
+    report = prepare_cohort(manifest, settings).set_index("slide_id")
+    assert report.status["good"] == "skipped" and (tmp_path / "cache" / "prepare_report.csv").exists()
+
+
+def test_disk_full_writing_a_slide_stops_in_one_line_and_leaves_no_half_file(slides, tmp_path, monkeypatch):
+    import shutil
+
+    for sid in ("a", "b", "c"):
+        shutil.copy(slides / "good.tiff", tmp_path / f"{sid}.tiff")
+    manifest = hand_manifest(tmp_path, [(s, str(tmp_path / f"{s}.tiff"), "") for s in ("a", "b", "c")])
+    settings = hand_settings(tmp_path / "cache")
+    real = Path.write_bytes
+
+    def write_bytes(self, data):  # the disk fills up while slide b's tiles file is written
+        if self.name.startswith(".b."):
+            real(self, bytes(data)[:100])  # part of it reached the disk
+            _enospc()
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    with pytest.raises(OutputError) as err:
+        prepare_cohort(manifest, settings)
+    msg = str(err.value)
+    assert "\n" not in msg and "b.h5" in msg and "disk full" in msg and "cohort.cache_dir" in msg
+    monkeypatch.undo()
+    assert len(read_tiles_h5(settings.tiles_path("a"))[0]) > 20 and settings.thumb_path("a").exists()
+    assert not settings.tiles_path("b").exists() and not settings.tiles_path("c").exists()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp" in p.name]
+    report = pd.read_csv(tmp_path / "cache" / "prepare_report.csv").set_index("slide_id")
+    assert report.status["a"] == "done" and report.status["b"] == "failed" and "disk full" in report.error["b"]
+    assert report.status["c"] == "not run"
+    again = prepare_cohort(manifest, settings).set_index("slide_id")  # space freed: the rest finish
+    assert list(again.status) == ["skipped", "done", "done"]
+
+
+# --- killed runs ------------------------------------------------------------------------------
+
+_KILLED_PREPARE = """
+import os, sys, time
+from pathlib import Path
+import pandas as pd
+import her2lab.slides.prepare as prep
+from her2lab.slides.tiling import TilingParams
+from her2lab.slides.tissue import TissueParams
+
+def slow(slide_id, path, mpp, settings):  # a slide that takes a long time
+    Path(sys.argv[1], f"{os.getpid()}.pid").write_text("")
+    time.sleep(120)
+
+prep.prepare_slide = slow
+if sys.argv[2] == "watchdog":  # the fallback where prctl is unavailable
+    from concurrent.futures import ProcessPoolExecutor
+
+    from her2lab.pool import die_with_parent
+
+    prep.worker_pool = lambda n: ProcessPoolExecutor(n, initializer=die_with_parent, initargs=(os.getpid(), False))
+manifest = pd.DataFrame({"slide_id": ["a", "b"], "path": ["a.tiff", "b.tiff"], "mpp": [None, None]})
+settings = prep.PrepareSettings(cache_dir=Path(sys.argv[1]) / "cache", tiling=TilingParams(), tissue=TissueParams())
+prep.prepare_cohort(manifest, settings, num_workers=2)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie is dead, only not yet reaped
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+@pytest.mark.parametrize("watchdog", [False, True])
+def test_prepare_workers_die_with_a_killed_parent(tmp_path, watchdog):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    mode = "watchdog" if watchdog else "prctl"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PREPARE, str(tmp_path), mode], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(tmp_path.glob("*.pid"))) < 2:
+        time.sleep(0.05)
+    pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    t0 = time.time()
+    while time.time() - t0 < 10 and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    left = [p for p in pids if _alive(p)]
+    for p in left:  # do not leave them behind on failure
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their parent"
