@@ -74,6 +74,7 @@ def _dab_od(rgb: np.ndarray) -> np.ndarray:
     return (od.reshape(-1, 3) @ np.linalg.inv(STAIN_OD))[:, 2].reshape(rgb.shape[:2])
 
 
+@pytest.mark.slow  # renders four full-size slides
 def test_ihc_membrane_signal_follows_score_and_lives_in_positive_regions():
     cfg = SyntheticConfig(stain="ihc", nuisances=False)
     dab_in, dab_out = {}, {}

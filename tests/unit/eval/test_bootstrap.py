@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 from scipy.stats import norm
 
 from her2lab.eval.bootstrap import macro_auroc, patient_bootstrap
@@ -11,6 +12,7 @@ def _auroc_only(y, p):
     return {"auroc": macro_auroc(y, p)}
 
 
+@pytest.mark.slow  # 60 bootstrap runs of 150 resamples each
 def test_patient_bootstrap_covers_the_true_auroc_at_about_the_nominal_rate():
     # scores of positives ~ N(d, 1), negatives ~ N(0, 1): the true AUROC is Φ(d / √2)
     d = 1.0

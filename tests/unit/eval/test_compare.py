@@ -14,6 +14,7 @@ def _run(folder, y, p1, patients):
     return folder
 
 
+@pytest.mark.slow  # paired bootstraps of 300 resamples
 def test_compare_finds_a_real_difference_and_none_between_twins(tmp_path):
     from her2lab.errors import Her2labError
     from her2lab.eval.compare import compare, markdown

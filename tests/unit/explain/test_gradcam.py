@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from her2lab.data.thumbnails import (
@@ -15,6 +16,7 @@ from her2lab.data.thumbnails import (
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+@pytest.mark.slow  # trains a ConvNeXt for 60 steps
 def test_gradcam_finds_the_positive_region_better_than_chance(ihc_thumbs):
     """A ConvNeXt taught 'is this 2+/3+' on IHC thumbnails looks at the stained tumour: its
     Grad-CAM ranks the generator's positive-region pixels above the rest of the tissue."""
