@@ -1,7 +1,6 @@
 """Runs on input her2lab did not make: checkpoints from elsewhere are read as data only (a file
 that would run code is refused), a run trained from another tool's features (TRIDENT layout,
-no thumbnails, no encoder) trains and evaluates, and the same seed gives the same model whether
-the features were extracted in the same process or read from the cache.
+no thumbnails, no encoder) trains and evaluates.
 
 The foreign cohort is written by hand: pyramidal TIFFs with tifffile, a manifest CSV, and
 features files with h5py in TRIDENT's layout (``features`` (N, D) float32, ``coords`` (N, 2)
@@ -28,8 +27,6 @@ from tests.helpers import compose_config, gradient_rgb, hostile_checkpoint, run_
 pytestmark = pytest.mark.slow  # every test uses a trained run
 
 W, H, MPP, PATCH = 1024, 768, 1.0, 128  # slide size (level 0), µm/px, tile size at level 0
-
-
 DIM = 24
 
 

@@ -1,7 +1,7 @@
 """Features that her2lab did not make: non-finite values are refused (or, on request, the bad tiles
 left out and listed); a run whose loss turns non-finite stops with an error and no metrics; no
-metric is computed over non-finite probabilities; huge bags stay in the file's dtype and are
-scored chunk by chunk, with the same result as the whole-bag forward pass.
+metric is computed over non-finite probabilities; a manifest id that would name a file outside
+the features folder reads and writes nothing there.
 
 The cohort is a hand-written manifest and TRIDENT-layout features files written with h5py
 (``features`` (N, D), ``coords`` (N, 2), nothing else), given via ``data.features_dir``.
