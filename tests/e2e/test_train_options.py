@@ -44,6 +44,15 @@ def cohort(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory) -> Path:
+    """The default model trained for 3 epochs, as job 0 of a multirun folder (``sweep7``); the
+    evaluation tests read it and write their outputs elsewhere."""
+    run = tmp_path_factory.mktemp("trained") / "sweep7" / "0"
+    _train(cohort, run, "trainer.max_epochs=3")
+    return run
+
+
 def _compose(root: Path, out: Path, *overrides: str):
     return compose_config("train", [*_base(root), f"paths.output_dir={out}", *overrides])
 
@@ -189,13 +198,13 @@ def test_pooling_baselines_train_and_test(cohort, tmp_path, model):
     assert 0 <= m["test/auroc"] <= 1 and len(pd.read_csv(tmp_path / "predictions.csv")) == 4
 
 
-def test_eval_reproduces_the_run_and_adds_uncertainty(cohort, tmp_path):
+def test_eval_reproduces_the_run_and_adds_uncertainty(cohort, trained, tmp_path):
     from omegaconf import OmegaConf
 
     from her2lab.run.evaluate import evaluate
 
-    run = tmp_path / "run"
-    m = _train(cohort, run, "trainer.max_epochs=3")
+    run = trained
+    m = json.loads((run / "metrics.json").read_text())
     cfg = OmegaConf.create({"run_dir": str(run), "ckpt_path": None, "split": "test", "n_boot": 200, "seed": 0,
                             "output_dir": str(tmp_path / "eval")})
     evaluate(cfg)
@@ -238,14 +247,13 @@ def _eval_cfg(run: Path, out: Path, *overrides: str):
     return cfg
 
 
-def test_eval_on_a_new_cohort_with_wandb(cohort, tmp_path, monkeypatch):
+def test_eval_on_a_new_cohort_with_wandb(cohort, trained, tmp_path, monkeypatch):
     """External validation: every slide of another cohort, embedded with the run's own encoder;
     the evaluation lands in W&B (offline) next to the run; leaks and mismatches are refused."""
     from her2lab.run.evaluate import evaluate
     from her2lab.run.extract import run_extract
 
-    run = tmp_path / "sweep7" / "0"  # a job of a multirun: its eval joins the sweep's W&B group
-    _train(cohort, run, "trainer.max_epochs=3")
+    run = trained  # a job of a multirun: its eval joins the sweep's W&B group
     (run.parent / "multirun.yaml").write_text("hydra: {}\n")
     ext = ["cohort=demo_external", "cohort.synthetic.n_slides=6"]
     out = tmp_path / "ext"
@@ -290,9 +298,8 @@ def test_eval_on_a_new_cohort_with_wandb(cohort, tmp_path, monkeypatch):
         evaluate(_eval_cfg(run, tmp_path / "e5", "cohort=custom", f"cohort.manifest={tmp_path / 'seen.csv'}"))
 
 
-def test_eval_py_command_line(cohort, tmp_path):
-    run = tmp_path / "run"
-    _train(cohort, run, "trainer.max_epochs=1")
+def test_eval_py_command_line(trained, tmp_path):
+    run = trained
     best = next((run / "checkpoints").glob("best_*.ckpt"))  # the run folder is found from the checkpoint
     res = run_task("eval.py", f"ckpt_path={best}", "split=val", "n_boot=50", cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
