@@ -43,8 +43,6 @@ def test_hydra_entry_bad_manifest_is_one_line(tmp_path):
 
 
 BARE_HEADER = "slide_id,patient_id,path,her2_score\n"
-
-
 TINY = {"width_px": 1024, "height_px": 768, "mpp": 1.0}  # 1 × 0.77 mm: the smallest the generator makes
 
 

@@ -22,8 +22,6 @@ from her2lab.errors import Her2labError, ManifestError
 from tests.helpers import compose_config, write_trident
 
 CLASSES = ("0", "1+", "2+", "3+")
-
-
 N_TILES, DIM = 40, 32
 
 

@@ -58,8 +58,6 @@ def test_mpp_column_and_override(tmp_path):
 
 
 BARE_HEADER = "slide_id,patient_id,path,her2_score\n"
-
-
 BAD_IDS = ["../../../../x", "/tmp/x", "a/b", "a\\b", "..", ".", "a\x07b", "a\tb", "x" * 201]
 
 
