@@ -1,13 +1,13 @@
-"""Shared fixtures: real, small artefacts generated in temporary folders."""
+"""Shared fixtures: real, small artefacts generated in temporary folders, made once a session."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from her2lab.data.synthetic import SyntheticConfig, generate_cohort
+from tests.helpers import prepare_thumbnails, save_random_weights, thumb_records, write_hand_slide
 
 SMALL = {"width_px": 4096, "height_px": 3072}  # the demo size: 2 × 1.5 mm at 0.5 µm/px
 
@@ -31,16 +31,25 @@ def ihc_cohort(tmp_path_factory) -> tuple[Path, SyntheticConfig]:
     return _cohort(tmp_path_factory, "ihc")
 
 
-def gradient_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A smooth, non-periodic RGB test image (JPEG keeps it close to the source)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack(
-        [
-            128 + 100 * np.sin(xx / 97 + rng.uniform(0, 6)) * np.cos(yy / 131),
-            128 + 90 * np.cos(xx / 53 + yy / 71),
-            128 + 80 * np.sin((xx + yy) / 113 + rng.uniform(0, 6)),
-        ],
-        -1,
-    )
-    return np.clip(img, 0, 255).astype(np.uint8)
+@pytest.fixture(scope="session")
+def r18_weights(tmp_path_factory) -> Path:
+    """Random ResNet-18 weights (seed 0) in a ``.pt`` file; tests only read it."""
+    return save_random_weights(tmp_path_factory.mktemp("weights") / "r18.pt")
+
+
+@pytest.fixture(scope="session")
+def slides(tmp_path_factory) -> Path:
+    """Slides written by hand with tifffile, never by the synthetic-cohort generator."""
+    d = tmp_path_factory.mktemp("slides")
+    write_hand_slide(d / "good.tiff")  # 0.5 µm/px, 1 × 1 mm
+    write_hand_slide(d / "dpi72.tiff", res=(72, 72), unit="INCH")  # the same pixels, a generic 72 dpi tag
+    write_hand_slide(d / "coarse.tiff", size=512, res=(1000, 1000))  # 10 µm/px: coarser than the 8 µm/px mask
+    return d
+
+
+@pytest.fixture(scope="session")
+def ihc_thumbs(ihc_cohort, tmp_path_factory):
+    """Tiles and 8 µm/px thumbnails of :func:`ihc_cohort`: settings, manifest, records, cohort root."""
+    root, _ = ihc_cohort
+    settings, manifest = prepare_thumbnails(tmp_path_factory.mktemp("thumbs"), root)
+    return settings, manifest, thumb_records(settings, manifest), root

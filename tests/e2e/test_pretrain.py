@@ -1,8 +1,6 @@
 """The transfer-learning step end to end: train a patch classifier, export, embed with it."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -19,15 +17,13 @@ from her2lab.embed.backbones import (
     headless_state,
     read_state_dict,
 )
+from tests.helpers import run_task
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test launches train.py or extract
 
 
 def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data"), "HER2LAB_LOG_DIR": str(tmp_path / "logs")}
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
-    )
+    return run_task("train.py", *args, cwd=tmp_path, data_dir=tmp_path / "data", log_dir=tmp_path / "logs")
 
 
 SMALL = ["cohort.synthetic.n_slides=12", "data.n_folds=3", "trainer.max_epochs=2", "data.module.tiles_per_slide=8",
@@ -55,12 +51,9 @@ def test_pretrain_export_and_embed_round_trip(tmp_path):
     # backbone=hne finds it, and the features say which weights made them.
     enc = build_encoder(BackboneSpec(name="resnet18", input_px=64, target_mpp=2.0, weights=str(enc_path), preset="hne"))
     assert enc.weights_source == "file" and enc.weights_sha256 == file_sha256(enc_path)
-    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data"), "HER2LAB_LOG_DIR": str(tmp_path / "logs")}
-    res = subprocess.run(
-        [sys.executable, "-m", "her2lab.extract", "cohort=demo", "cohort.synthetic.n_slides=4", "cohort.synthetic.n_pairs=1",
-         "backbone=hne", "backbone.input_px=64", "backbone.target_mpp=2.0", "prepare.qc=false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
+    res = run_task("her2lab.extract", "cohort=demo", "cohort.synthetic.n_slides=4", "cohort.synthetic.n_pairs=1",
+                   "backbone=hne", "backbone.input_px=64", "backbone.target_mpp=2.0", "prepare.qc=false",
+                   cwd=tmp_path, data_dir=tmp_path / "data", log_dir=tmp_path / "logs", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     files = sorted((tmp_path / "data" / "demo" / "features" / "2mpp_64px_0px_overlap" / "hne").glob("*.h5"))
     assert len(files) == 4
@@ -78,9 +71,8 @@ def test_pretrain_alexnet_ihc_the_studys_encoder(tmp_path):
 
 
 def test_missing_pretrained_encoder_says_how_to_make_it(tmp_path):
-    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data")}
-    res = subprocess.run([sys.executable, "-m", "her2lab.extract", "backbone=ihc", f"hydra.run.dir={tmp_path}/r"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    res = run_task("her2lab.extract", "backbone=ihc", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path, data_dir=tmp_path / "data",
+                   timeout=120)
     assert res.returncode == 1
     assert "ihc.safetensors not found; check backbone.weights" in res.stderr.strip().splitlines()[-1]
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent / "her2lab"
+ROOT = Path(__file__).resolve().parents[2] / "her2lab"
+
 
 # Lowest first: a module may import its own layer and the ones before it.
 LAYERS = [
@@ -27,6 +28,7 @@ LAYERS = [
     {"her2lab.run"},
     {"her2lab.prepare", "her2lab.extract", "her2lab.cv", "her2lab.compare"},  # python -m entry points
 ]
+
 
 # (importer, imported): upward imports that are known and have a reason; any other fails.
 KNOWN_UPWARD: set[tuple[str, str]] = set()

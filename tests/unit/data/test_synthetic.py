@@ -1,9 +1,20 @@
+from __future__ import annotations
+
+from pathlib import Path
+
 import cv2
 import numpy as np
 import openslide
 import pandas as pd
+import pytest
 
-from her2lab.data.synthetic import SyntheticConfig, case_geometry, cohort_table, render_slide
+from her2lab.data.synthetic import (
+    SyntheticConfig,
+    case_geometry,
+    cohort_table,
+    generate_cohort,
+    render_slide,
+)
 
 
 def test_slides_are_real_pyramids_openslide_reads(hne_cohort):
@@ -63,6 +74,7 @@ def _dab_od(rgb: np.ndarray) -> np.ndarray:
     return (od.reshape(-1, 3) @ np.linalg.inv(STAIN_OD))[:, 2].reshape(rgb.shape[:2])
 
 
+@pytest.mark.slow  # renders four full-size slides
 def test_ihc_membrane_signal_follows_score_and_lives_in_positive_regions():
     cfg = SyntheticConfig(stain="ihc", nuisances=False)
     dab_in, dab_out = {}, {}
@@ -89,3 +101,49 @@ def test_hne_cue_is_subtle_but_present():
         dark = hsv[..., 2] < 150
         frac[s] = dark[g.tumour].mean()
     assert frac["3+"] > frac["0"] * 1.2
+
+
+TINY = {"width_px": 1024, "height_px": 768, "mpp": 1.0}  # 1 × 0.77 mm: the smallest the generator makes
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def _tiny_cohort(root: Path, n: int = 2, **kw) -> tuple[Path, SyntheticConfig]:
+    cfg = SyntheticConfig(n_slides=n, n_pairs=0, seed=5, **TINY, **kw)
+    return generate_cohort(root, cfg, num_workers=1), cfg
+
+
+# --- demo generation resumes per slide ---------------------------------------------------------
+def test_missing_masks_are_regenerated_with_their_slide(tmp_path):
+    manifest, _ = _tiny_cohort(tmp_path, n=3)
+    ids = list(pd.read_csv(manifest).slide_id)
+    first = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in _files(tmp_path / "slides") | _files(tmp_path / "masks")}
+    gone = tmp_path / "masks" / f"{ids[1]}_positive.png"
+    gone.unlink()
+    _tiny_cohort(tmp_path, n=3)
+    assert gone.read_bytes() == first[gone][0]  # generation is seeded: the same mask comes back
+    now = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in first}
+    redone = {p.name for p in first if now[p][1] != first[p][1]}
+    assert redone == {f"{ids[1]}.tiff", f"{ids[1]}_tissue.png", f"{ids[1]}_tumour.png", f"{ids[1]}_positive.png"}
+    assert all(now[p][0] == first[p][0] for p in first)
+
+
+def test_a_failed_mask_write_leaves_the_slide_to_be_made_again(tmp_path, monkeypatch):
+    import cv2
+
+    from her2lab.data import synthetic
+
+    real = cv2.imwrite
+    # A full disk: OpenCV reports it only by returning False.
+    monkeypatch.setattr(synthetic.cv2, "imwrite", lambda path, img, *a: False if "tumour" in str(path) else real(path, img, *a))
+    with pytest.raises(OSError, match="writing the tumour mask failed"):
+        _tiny_cohort(tmp_path, n=1)
+    assert not list((tmp_path / "slides").glob("*")) and not list((tmp_path / "masks").glob("*tumour*"))
+    monkeypatch.undo()
+    manifest, _ = _tiny_cohort(tmp_path, n=1)
+    sid = pd.read_csv(manifest).slide_id[0]
+    masks = {n: cv2.imread(str(tmp_path / "masks" / f"{sid}_{n}.png"), cv2.IMREAD_GRAYSCALE) for n in ("tissue", "tumour")}
+    assert (tmp_path / "slides" / f"{sid}.tiff").exists()
+    assert masks["tumour"].shape == masks["tissue"].shape and 0 < (masks["tumour"] > 0).sum() < (masks["tissue"] > 0).sum()

@@ -8,23 +8,19 @@ The cohort (12 real synthetic slides) and its ResNet-18 features (random weights
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from her2lab import CONF_DIR
-from her2lab.embed.backbones import BackboneSpec, create_model
 from her2lab.errors import Her2labError
+from tests.helpers import compose_config, run_task, save_random_weights
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test trains (in-process or through train.py)
 
 
 def _base(root: Path) -> list[str]:
@@ -42,16 +38,23 @@ def cohort(tmp_path_factory) -> Path:
     from her2lab.run.extract import run_extract
 
     root = tmp_path_factory.mktemp("options")
-    torch.manual_seed(0)
-    torch.save(create_model(BackboneSpec(name="resnet18", pretrained=False)).state_dict(), root / "r18.pt")
+    save_random_weights(root / "r18.pt")
     report = run_extract(_compose(root, root / "extract"))
     assert (report.status == "done").sum() == 12
     return root
 
 
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory) -> Path:
+    """The default model trained for 3 epochs, as job 0 of a multirun folder (``sweep7``); the
+    evaluation tests read it and write their outputs elsewhere."""
+    run = tmp_path_factory.mktemp("trained") / "sweep7" / "0"
+    _train(cohort, run, "trainer.max_epochs=3")
+    return run
+
+
 def _compose(root: Path, out: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", [*_base(root), f"paths.output_dir={out}", *overrides])
+    return compose_config("train", [*_base(root), f"paths.output_dir={out}", *overrides])
 
 
 def _train(root: Path, out: Path, *overrides: str) -> dict:
@@ -62,9 +65,7 @@ def _train(root: Path, out: Path, *overrides: str) -> dict:
 
 
 def _subprocess(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HER2LAB_LOG_DIR": str(root / "logs")}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *_base(root), *args], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_task("train.py", *_base(root), *args, cwd=root, log_dir=root / "logs", timeout=timeout)
 
 
 def _state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -136,7 +137,6 @@ def test_class_weights_of_the_wrong_length_are_an_error(cohort, tmp_path):
         _train(cohort, tmp_path, "model.class_weights=[1.0,2.0]", "trainer.max_epochs=1")
 
 
-@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_gives_the_metrics_of_one(cohort, tmp_path):
     # The same global batch either way: 1 process × 8 bags, or 2 processes × 4 bags (DDP averages
     # the two halves' gradients). Dropout off, so the ranks' random streams do not matter.
@@ -158,7 +158,6 @@ def test_ddp_on_two_cpu_processes_gives_the_metrics_of_one(cohort, tmp_path):
     assert np.allclose(p1[cols], p2[cols], atol=1e-4)
 
 
-@pytest.mark.slow
 def test_optuna_search_runs_trials_and_reports_the_best(cohort, tmp_path):
     res = _subprocess(cohort, "hparams_search=abmil_optuna", "hydra.sweeper.n_trials=3",
                       "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=2", f"hydra.sweep.dir={tmp_path}")
@@ -173,7 +172,6 @@ def test_optuna_search_runs_trials_and_reports_the_best(cohort, tmp_path):
     assert "data.module.bag_size" not in best["best_params"]
 
 
-@pytest.mark.slow
 def test_submitit_local_launcher_runs_training_jobs(cohort, tmp_path):
     res = _subprocess(cohort, "hydra.mode=MULTIRUN", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "fold=0,1",
                       "trainer.max_epochs=1", f"hydra.sweep.dir={tmp_path}", timeout=900)
@@ -200,13 +198,13 @@ def test_pooling_baselines_train_and_test(cohort, tmp_path, model):
     assert 0 <= m["test/auroc"] <= 1 and len(pd.read_csv(tmp_path / "predictions.csv")) == 4
 
 
-def test_eval_reproduces_the_run_and_adds_uncertainty(cohort, tmp_path):
+def test_eval_reproduces_the_run_and_adds_uncertainty(cohort, trained, tmp_path):
     from omegaconf import OmegaConf
 
     from her2lab.run.evaluate import evaluate
 
-    run = tmp_path / "run"
-    m = _train(cohort, run, "trainer.max_epochs=3")
+    run = trained
+    m = json.loads((run / "metrics.json").read_text())
     cfg = OmegaConf.create({"run_dir": str(run), "ckpt_path": None, "split": "test", "n_boot": 200, "seed": 0,
                             "output_dir": str(tmp_path / "eval")})
     evaluate(cfg)
@@ -243,21 +241,19 @@ def test_eval_reproduces_the_run_and_adds_uncertainty(cohort, tmp_path):
 def _eval_cfg(run: Path, out: Path, *overrides: str):
     from omegaconf import open_dict
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("eval", [f"run_dir={run}", "n_boot=50", *overrides])
+    cfg = compose_config("eval", [f"run_dir={run}", "n_boot=50", *overrides])
     with open_dict(cfg):
         cfg.output_dir = str(out)
     return cfg
 
 
-def test_eval_on_a_new_cohort_with_wandb(cohort, tmp_path, monkeypatch):
+def test_eval_on_a_new_cohort_with_wandb(cohort, trained, tmp_path, monkeypatch):
     """External validation: every slide of another cohort, embedded with the run's own encoder;
     the evaluation lands in W&B (offline) next to the run; leaks and mismatches are refused."""
     from her2lab.run.evaluate import evaluate
     from her2lab.run.extract import run_extract
 
-    run = tmp_path / "sweep7" / "0"  # a job of a multirun: its eval joins the sweep's W&B group
-    _train(cohort, run, "trainer.max_epochs=3")
+    run = trained  # a job of a multirun: its eval joins the sweep's W&B group
     (run.parent / "multirun.yaml").write_text("hydra: {}\n")
     ext = ["cohort=demo_external", "cohort.synthetic.n_slides=6"]
     out = tmp_path / "ext"
@@ -289,8 +285,7 @@ def test_eval_on_a_new_cohort_with_wandb(cohort, tmp_path, monkeypatch):
         evaluate(_eval_cfg(run, tmp_path / "e2", "cohort=demo_ihc"))
     with pytest.raises(Her2labError, match="evaluated whole"):
         evaluate(_eval_cfg(run, tmp_path / "e3", *ext, "split=val"))
-    torch.manual_seed(1)
-    torch.save(create_model(BackboneSpec(name="resnet18", pretrained=False)).state_dict(), tmp_path / "other.pt")
+    save_random_weights(tmp_path / "other.pt", seed=1)
     report = run_extract(_compose(cohort, tmp_path / "x", *ext, f"backbone.weights={tmp_path / 'other.pt'}", "backbone.preset=r18b"))
     assert (report.status == "done").sum() == 6
     other = next((cohort / "data" / "demo_external" / "features").glob("*/r18b"))
@@ -303,27 +298,22 @@ def test_eval_on_a_new_cohort_with_wandb(cohort, tmp_path, monkeypatch):
         evaluate(_eval_cfg(run, tmp_path / "e5", "cohort=custom", f"cohort.manifest={tmp_path / 'seen.csv'}"))
 
 
-@pytest.mark.slow
-def test_eval_py_command_line(cohort, tmp_path):
-    run = tmp_path / "run"
-    _train(cohort, run, "trainer.max_epochs=1")
+def test_eval_py_command_line(trained, tmp_path):
+    run = trained
     best = next((run / "checkpoints").glob("best_*.ckpt"))  # the run folder is found from the checkpoint
-    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"ckpt_path={best}", "split=val", "n_boot=50"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    res = run_task("eval.py", f"ckpt_path={best}", "split=val", "n_boot=50", cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = next((run / "eval").glob("val-*"))
     m = json.loads((out / "metrics.json").read_text())
     assert "val/auroc" in m and (out / "predictions.csv").exists() and (out / "metrics_ci.csv").exists()
-    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={run}", "cohort=demo_external",
-                          "cohort.synthetic.n_slides=6", "n_boot=20", "heatmaps.enabled=false"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    res = run_task("eval.py", f"run_dir={run}", "cohort=demo_external", "cohort.synthetic.n_slides=6", "n_boot=20",
+                   "heatmaps.enabled=false", cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = next((run / "eval").glob("external-demo_external-*"))
     assert len(pd.read_csv(out / "predictions.csv")) == 6 and "external/auroc" in json.loads((out / "metrics.json").read_text())
-    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={tmp_path / 'nope'}"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    res = run_task("eval.py", f"run_dir={tmp_path / 'nope'}", cwd=tmp_path, timeout=120)
     assert res.returncode == 1 and "not a training run folder" in res.stderr.strip().splitlines()[-1]
-    res = subprocess.run([sys.executable, str(REPO / "eval.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    res = run_task("eval.py", cwd=tmp_path, timeout=120)
     assert res.returncode == 1 and "give run_dir=" in res.stderr.strip().splitlines()[-1]
 
 
@@ -334,8 +324,7 @@ def test_attention_finds_the_positive_tissue_better_than_a_random_ranking(tmp_pa
 
     from her2lab.run.evaluate import evaluate
 
-    torch.manual_seed(0)
-    torch.save(create_model(BackboneSpec(name="resnet18", pretrained=False)).state_dict(), tmp_path / "r18.pt")
+    save_random_weights(tmp_path / "r18.pt")
     # The best epoch by validation loss: 4 validation slides reach AUROC 1.0 in the first epoch or
     # two, and the first such epoch is a barely trained model whose tile scores depend on its draw.
     ihc = ["cohort=demo_ihc", "cohort.synthetic.n_slides=16", "labels=binary", "data.n_folds=4", "trainer.max_epochs=30",

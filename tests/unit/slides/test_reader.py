@@ -1,10 +1,12 @@
+
+import cv2
 import numpy as np
 import pytest
 import tifffile
 
 from her2lab.errors import SlideError
 from her2lab.slides.reader import Slide, resolve_mpp
-from tests.conftest import gradient_rgb
+from tests.helpers import gradient_rgb, tissue_image
 
 
 @pytest.mark.parametrize(
@@ -90,3 +92,71 @@ def test_bad_files_are_one_line_errors(tmp_path, hne_cohort, kind):
             slide.read_region((0, 0), lvl, slide.level_dimensions[lvl])
     msg = str(err.value)
     assert "\n" not in msg and path.name in msg
+
+
+# --- resolution -------------------------------------------------------------------------------
+
+def test_72_dpi_tag_is_an_error_at_open_naming_the_fix(slides):
+    with pytest.raises(SlideError) as err:
+        Slide(slides / "dpi72.tiff")
+    msg = str(err.value)
+    assert "\n" not in msg and "dpi72.tiff" in msg
+    assert "352.8 µm/px" in msg and "72 per inch" in msg  # the value and where it came from
+    assert "cohort.mpp_override" in msg and "`mpp` column" in msg
+    # with a plausible override it opens, and the override is what it uses
+    s = Slide(slides / "dpi72.tiff", mpp_override=0.5)
+    assert (s.level0_mpp, s.mpp.source) == (0.5, "override")
+
+
+@pytest.mark.parametrize("override", [353.0, 0.001])
+def test_implausible_override_is_refused_naming_it(slides, override):
+    with pytest.raises(SlideError) as err:
+        Slide(slides / "good.tiff", mpp_override=override)
+    msg = str(err.value)
+    assert "\n" not in msg and "good.tiff" in msg and f"{override:g}" in msg and "override" in msg
+
+
+# --- no upsampling ----------------------------------------------------------------------------
+
+def test_read_at_mpp_never_upsamples(slides):
+    slide = Slide(slides / "coarse.tiff")
+    assert slide.level0_mpp == pytest.approx(10.0)
+    with pytest.raises(SlideError, match=r"coarse.tiff: .*8 µm/px is finer than the slide's level 0 \(10 µm/px"):
+        slide.read_at_mpp(8.0)
+    img, mpp = slide.read_lowres(8.0)  # the slide's own pixels, and their resolution
+    assert img.shape == (512, 512, 3) and mpp == pytest.approx(10.0)
+    img, mpp = slide.read_lowres(40.0)
+    assert img.shape == (128, 128, 3) and mpp == pytest.approx(40.0)
+
+
+# --- truncated and foreign files --------------------------------------------------------------
+
+@pytest.mark.parametrize("cut", ["half", "4kb", "empty"])
+def test_truncated_slide_says_truncated_and_to_recopy(slides, tmp_path, cut):
+    data = (slides / "good.tiff").read_bytes()
+    n = {"half": len(data) // 2, "4kb": 4096, "empty": 0}[cut]
+    path = tmp_path / "cut.tiff"
+    path.write_bytes(data[:n])
+    with pytest.raises(SlideError) as err:
+        slide = Slide(path)
+        for lvl in range(slide.level_count):
+            slide.read_region((0, 0), lvl, slide.level_dimensions[lvl])
+    msg = str(err.value)
+    assert "\n" not in msg and "cut.tiff" in msg and "re-copy" in msg
+    assert "truncated" in msg and "convert" not in msg
+
+
+def test_complete_files_of_other_formats_are_told_to_convert(tmp_path):
+    cv2.imwrite(str(tmp_path / "photo.png"), tissue_image(64))
+    (tmp_path / "notes.tiff").write_text("slide_id,path\n")
+    # a complete, strip-based TIFF: OpenSlide reads only tiled ones
+    tifffile.imwrite(tmp_path / "strips.tiff", tissue_image(256), photometric="rgb", resolution=(20_000, 20_000),
+                     resolutionunit="CENTIMETER")
+    msgs = {}
+    for name in ("photo.png", "notes.tiff", "strips.tiff"):
+        with pytest.raises(SlideError) as err:
+            Slide(tmp_path / name)
+        msgs[name] = msg = str(err.value)
+        assert "\n" not in msg and name in msg and "convert" in msg and "truncated" not in msg
+    assert "not a slide format" in msgs["photo.png"] and "not a slide format" in msgs["notes.tiff"]
+    assert "complete TIFF" in msgs["strips.tiff"] and "strips instead of tiles" in msgs["strips.tiff"]

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from her2lab import CONF_DIR
+from tests.helpers import compose_config
 
 GROUPS = ["cohort", "labels", "backbone", "data", "model", "trainer", "logger", "experiment", "tiling", "tissue", "hparams_search"]
 
@@ -19,8 +19,7 @@ def _options(group: str) -> list[str]:
 
 
 def _compose(config: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config, overrides=[*overrides, "paths.output_dir=/tmp/her2lab-compose"])
+    return compose_config(config_name=config, overrides=[*overrides, "paths.output_dir=/tmp/her2lab-compose"])
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])

@@ -1,7 +1,6 @@
 """Runs on input her2lab did not make: checkpoints from elsewhere are read as data only (a file
 that would run code is refused), a run trained from another tool's features (TRIDENT layout,
-no thumbnails, no encoder) trains and evaluates, and the same seed gives the same model whether
-the features were extracted in the same process or read from the cache.
+no thumbnails, no encoder) trains and evaluates.
 
 The foreign cohort is written by hand: pyramidal TIFFs with tifffile, a manifest CSV, and
 features files with h5py in TRIDENT's layout (``features`` (N, D) float32, ``coords`` (N, 2)
@@ -12,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -22,31 +19,15 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from her2lab import CONF_DIR
 from her2lab.errors import Her2labError
-from tests.conftest import gradient_rgb
+from tests.helpers import compose_config, gradient_rgb, hostile_checkpoint, run_task
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test uses a trained run
+
 W, H, MPP, PATCH = 1024, 768, 1.0, 128  # slide size (level 0), µm/px, tile size at level 0
 DIM = 24
-
-
-class _Touch:
-    """Unpickling this calls ``Path.touch(marker)``: the code a hostile checkpoint could run."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def _hostile_checkpoint(path: Path, marker: Path) -> Path:
-    torch.save({"state_dict": {}, "epoch": 0, "global_step": 0, "payload": _Touch(marker)}, path)
-    return path
 
 
 def _write_slide(path: Path, seed: int) -> None:
@@ -99,13 +80,12 @@ def foreign(tmp_path_factory) -> dict[str, Path]:
 
 
 def _cfg(root: Path, out: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", [
-            f"paths.data_dir={root / 'data'}", "cohort=custom", f"cohort.manifest={root / 'manifest.csv'}",
-            "labels=binary", "backbone=hne", f"data.features_dir={root / 'trident'}", "data.module.bag_size=16",
-            "data.module.batch_size=2", "trainer.max_epochs=2", "trainer.accelerator=cpu", f"paths.output_dir={out}",
-            "logger=csv", *overrides,
-        ])
+    return compose_config("train", [
+        f"paths.data_dir={root / 'data'}", "cohort=custom", f"cohort.manifest={root / 'manifest.csv'}",
+        "labels=binary", "backbone=hne", f"data.features_dir={root / 'trident'}", "data.module.bag_size=16",
+        "data.module.batch_size=2", "trainer.max_epochs=2", "trainer.accelerator=cpu", f"paths.output_dir={out}",
+        "logger=csv", *overrides,
+    ])
 
 
 def _train(cfg) -> dict:
@@ -123,7 +103,6 @@ def _eval_cfg(run: Path, out: Path, **kw):
 # --- features from elsewhere: no encoder, no thumbnail ----------------------------------------------
 
 
-@pytest.mark.slow
 def test_a_features_dir_run_builds_nothing_of_the_backbone(foreign):
     root, run = foreign["root"], foreign["run"]
     m = json.loads((run / "metrics.json").read_text())
@@ -135,7 +114,6 @@ def test_a_features_dir_run_builds_nothing_of_the_backbone(foreign):
     assert cfg.backbone.embed_dim == DIM  # the features say their size, not the preset (512)
 
 
-@pytest.mark.slow
 def test_eval_of_a_features_dir_run_writes_metrics_and_maps_what_it_can(foreign, tmp_path, caplog):
     from her2lab.run.evaluate import evaluate
 
@@ -161,7 +139,6 @@ def test_eval_of_a_features_dir_run_writes_metrics_and_maps_what_it_can(foreign,
     assert warned and "heatmaps" in warned[0] and "t1.tiff" in warned[0]
 
 
-@pytest.mark.slow
 def test_a_failure_of_the_explanations_loses_no_metric(foreign, tmp_path):
     from her2lab.run.evaluate import evaluate
 
@@ -176,12 +153,11 @@ def test_a_failure_of_the_explanations_loses_no_metric(foreign, tmp_path):
 # --- checkpoints are data ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_a_hostile_checkpoint_is_refused_and_runs_nothing(foreign, tmp_path):
     from her2lab.run.evaluate import evaluate
 
     marker = tmp_path / "ran"
-    evil = _hostile_checkpoint(tmp_path / "evil.ckpt", marker)
+    evil = hostile_checkpoint(tmp_path / "evil.ckpt", marker)
     with pytest.raises(Her2labError) as err:
         evaluate(_eval_cfg(foreign["run"], tmp_path / "e", ckpt_path=str(evil)))
     msg = str(err.value)
@@ -200,27 +176,13 @@ def test_a_hostile_checkpoint_is_refused_and_runs_nothing(foreign, tmp_path):
         evaluate(_eval_cfg(other, tmp_path / "e2", ckpt_path=best))
     assert not marker.exists()
     # the command line says the same in one line
-    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={foreign['run']}", f"ckpt_path={evil}"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    res = run_task("eval.py", f"run_dir={foreign['run']}", f"ckpt_path={evil}", cwd=tmp_path, timeout=300)
     assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(f"error: {evil}: ")
     assert "Traceback" not in res.stderr and not marker.exists()
     torch.load(evil, weights_only=False)  # the file is really hostile: an unrestricted load runs it
     assert marker.exists()
 
 
-def test_hostile_encoder_weights_are_refused_and_run_nothing(tmp_path):
-    from her2lab.embed.backbones import BackboneSpec, WeightsError, create_model, load_weights
-
-    marker = tmp_path / "ran"
-    evil = _hostile_checkpoint(tmp_path / "encoder.pt", marker)
-    with pytest.raises(WeightsError) as err:
-        load_weights(create_model(BackboneSpec(name="test_resnet", pretrained=False)), evil, "backbone.weights")
-    msg = str(err.value)
-    assert "\n" not in msg and "\x1b" not in msg and str(evil) in msg and "could run code" in msg
-    assert not marker.exists()
-
-
-@pytest.mark.slow
 def test_own_checkpoints_are_plain_data_and_resume(foreign, tmp_path):
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
@@ -250,7 +212,6 @@ def test_own_checkpoints_are_plain_data_and_resume(foreign, tmp_path):
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["test/auroc"] == pytest.approx(ran["test/auroc"])
 
 
-@pytest.mark.slow
 def test_resuming_from_a_checkpoint_of_another_model_is_a_one_line_error(foreign, tmp_path):
     from her2lab.lit.mil_module import MILModule
     from her2lab.models.pooling import MeanPoolMIL
@@ -267,103 +228,3 @@ def test_resuming_from_a_checkpoint_of_another_model_is_a_one_line_error(foreign
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(Her2labError, match="not a readable checkpoint"):
         _train(_cfg(foreign["root"], tmp_path / "j", f"ckpt_path={junk}"))
-
-
-# --- same seed, same model --------------------------------------------------------------------------
-
-
-def _demo(root: Path, out: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", [
-            f"paths.data_dir={root / 'data'}", "cohort.synthetic.n_slides=9", "cohort.synthetic.n_pairs=0",
-            "cohort.synthetic.width_px=1024", "cohort.synthetic.height_px=768", "cohort.synthetic.mpp=1.0",
-            "labels=binary", "data.n_folds=3", "backbone=timm", "backbone.name=test_resnet", "backbone.preset=tr",
-            f"backbone.weights={root / 'tr.pt'}", "backbone.input_px=32", "backbone.target_mpp=2.0",
-            "data.module.bag_size=8", "data.module.batch_size=2", "trainer.max_epochs=2", "trainer.accelerator=cpu",
-            "prepare.qc=false", "logger=csv", f"paths.output_dir={out}", *overrides,
-        ])
-
-
-@pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory) -> dict[str, Path]:
-    """The same small demo run twice: features extracted in the process, then from the cache."""
-    from her2lab.embed.backbones import BackboneSpec, create_model
-
-    root = tmp_path_factory.mktemp("seed")
-    torch.manual_seed(0)
-    torch.save(create_model(BackboneSpec(name="test_resnet", pretrained=False)).state_dict(), root / "tr.pt")
-    _train(_demo(root, root / "extracted"))
-    _train(_demo(root, root / "cached"))
-    return {"root": root, "extracted": root / "extracted", "cached": root / "cached"}
-
-
-@pytest.mark.slow
-def test_same_seed_same_metrics_whether_features_were_cached_or_not(demo_runs):
-    a, b = demo_runs["extracted"], demo_runs["cached"]
-    assert json.loads((a / "features.json").read_text()) == json.loads((b / "features.json").read_text())
-    pa, pb = pd.read_csv(a / "predictions.csv"), pd.read_csv(b / "predictions.csv")
-    assert list(pa.slide_id) == list(pb.slide_id)
-    cols = [c for c in pa.columns if c.startswith("p_")]
-    assert np.array_equal(pa[cols].to_numpy(), pb[cols].to_numpy())
-    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
-    for k in ("val/auroc_best", "test/auroc", "test/loss", "train/loss"):
-        assert ma[k] == mb[k], k
-
-
-@pytest.mark.slow
-def test_localisation_lists_the_slides_it_could_not_score(demo_runs, tmp_path, caplog):
-    """A damaged ground-truth mask (the generator only re-makes missing ones) and slides without
-    positive tissue: listed with the reason, and named in a warning."""
-    from her2lab.run.evaluate import evaluate
-
-    run = demo_runs["extracted"]
-    preds = pd.read_csv(run / "predictions.csv")
-    demo = demo_runs["root"] / "data" / "demo"
-    score = pd.read_csv(demo / "manifest.csv", dtype=str).set_index("slide_id").her2_score
-    positive = next(s for s in preds.slide_id if score[s] != "0")  # a slide with positive tissue
-    mask = demo / "masks" / f"{positive}_positive.png"
-    good = mask.read_bytes()
-    mask.write_bytes(good[: len(good) // 3])  # a truncated PNG
-    try:
-        with caplog.at_level(logging.WARNING):
-            evaluate(_eval_cfg(run, tmp_path / "eval"))
-    finally:
-        mask.write_bytes(good)
-    loc = pd.read_csv(tmp_path / "eval" / "heatmaps" / "localisation.csv", keep_default_na=False).set_index("slide_id")
-    assert set(loc.index) == set(preds.slide_id)  # every mapped slide, scored or not
-    assert loc.loc[positive, "skipped"] == f"ground-truth mask {mask.name} is not a readable image"
-    assert loc.loc[positive, "attention_auroc"] == ""
-    zero = {s for s in preds.slide_id if score[s] == "0"}  # nothing to find
-    assert all(loc.loc[s, "skipped"] == "no positive tissue under any tile" for s in zero)
-    scored = loc[loc.skipped == ""]
-    assert set(scored.index) == set(preds.slide_id) - zero - {positive}
-    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    if len(scored):
-        assert m["test/attention_localisation_auroc"] == pytest.approx(scored.attention_auroc.astype(float).mean())
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "localisation" in r.getMessage()]
-    assert len(warned) == 1 and positive in warned[0] and all(s in warned[0] for s in zero)
-
-
-def test_each_reason_a_slide_is_not_scored_for_localisation(tmp_path):
-    import cv2
-
-    from her2lab.explain.heatmaps import SlideAttention
-    from her2lab.explain.mil_maps import _localisation
-
-    ys, xs = np.mgrid[0:4, 0:4] * 256  # 16 tiles of 256 px at 0.5 µm/px: a 2 x 2 mm square
-    att = SlideAttention("s", np.stack([xs.ravel(), ys.ravel()], 1), np.tile([0.1, 0.2, 0.3, 0.4], 4) / 4, np.array([0.4, 0.6]),
-                         np.full((16, 2), 0.5), 256, 0.5, "")
-    mask = np.zeros((32, 32), np.uint8)  # at 8 µm/px: 64 µm a pixel, 2 px a tile
-    files = {}
-    for name, img in (("none", mask), ("all", mask + 255), ("half", np.pad(mask[:, :16] + 255, ((0, 0), (0, 16))))):
-        files[name] = tmp_path / f"{name}.png"
-        cv2.imwrite(str(files[name]), img)
-    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
-    assert _localisation(att, tmp_path / "gone.png", 8.0)["skipped"] == "no ground-truth mask gone.png"
-    assert _localisation(att, tmp_path / "bad.png", 8.0)["skipped"] == "ground-truth mask bad.png is not a readable image"
-    assert _localisation(att, files["none"], 8.0)["skipped"] == "no positive tissue under any tile"
-    assert _localisation(att, files["all"], 8.0)["skipped"] == "every tile lies in positive tissue"
-    unknown = SlideAttention(**{**att.__dict__, "patch_px_level0": 0})
-    assert _localisation(unknown, files["half"], 8.0)["skipped"] == "tile size or level-0 µm/px unknown"
-    half = _localisation(att, files["half"], 8.0)
-    assert half["skipped"] == "" and half["attention_auroc"] == 0.0  # the left half: the least attended

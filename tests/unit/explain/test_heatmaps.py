@@ -1,5 +1,7 @@
 """Attention maps: chunked scoring equals the model's forward pass; GeoJSON round-trips."""
 
+from __future__ import annotations
+
 import json
 
 import numpy as np
@@ -16,6 +18,7 @@ from her2lab.io import write_h5
 from her2lab.models.abmil import AttentionMIL
 from her2lab.models.heads import ordinal_probs
 from her2lab.models.pooling import MeanPoolMIL
+from tests.helpers import mil_nets, write_trident
 
 
 def _features(tmp_path, n=1000, d=32):
@@ -67,3 +70,22 @@ def test_localisation_auroc_on_a_hand_made_slide():
     assert localisation_auroc(att, mask, 10.0) == 1.0
     assert localisation_auroc(att, mask, 10.0, values=-att.attention) == 0.0
     assert np.isnan(localisation_auroc(att, np.ones_like(mask), 10.0))
+
+
+def test_attention_maps_leave_out_non_finite_tiles(tmp_path):
+    """Heatmaps read the file themselves: with ``data.nonfinite=drop_tiles`` they see the same
+    tiles as the model did."""
+    from her2lab.explain.heatmaps import bag_attention
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((300, 24)).astype(np.float16)
+    x[[10, 299], 3] = np.nan
+    path = write_trident(tmp_path / "s.h5", x)
+    keep = np.setdiff1d(np.arange(300), [10, 299])
+    for net in mil_nets():
+        net.eval()
+        att = bag_attention(net, path, lambda z: z.softmax(-1), chunk=64)
+        logits, w = net(torch.from_numpy(x[keep].astype(np.float32))[None])
+        assert np.array_equal(att.coords[:, 0], keep * 256) and np.isfinite(att.tile_probs).all()
+        assert np.allclose(att.attention, w[0].detach().numpy(), atol=1e-6)
+        assert np.allclose(att.probs, logits.softmax(-1)[0].detach().numpy(), atol=1e-5)

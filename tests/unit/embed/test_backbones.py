@@ -1,7 +1,6 @@
+from __future__ import annotations
+
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from her2lab.embed.backbones import (
     read_state_dict,
     save_encoder,
 )
+from tests.helpers import hostile_checkpoint
 
 
 def _spec(**kw):
@@ -104,20 +104,18 @@ def test_pretrained_without_weights_needs_explicit_random():
     assert enc.weights_source == "random"
 
 
-def test_offline_hub_error_says_how_to_use_a_file(tmp_path):
-    # The user-facing path, offline: a one-line error before any slide work, naming the fix.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HER2LAB_DATA_DIR": str(tmp_path / "data")}
-    res = subprocess.run(
-        [sys.executable, "-m", "her2lab.extract", "backbone=imagenet", f"hydra.run.dir={tmp_path / 'run'}"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )
-    assert res.returncode == 1
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: backbone imagenet: could not fetch pretrained resnet18")
-    assert "backbone.weights=/path/to/weights" in last and "Traceback" not in res.stderr
-    assert not (tmp_path / "data").exists()  # failed before generating or reading anything
-
-
 def test_embed_dim_mismatch():
     with pytest.raises(WeightsError, match="gives 512-d features but backbone.embed_dim=999; set backbone.embed_dim=512"):
         build_encoder(_spec(embed_dim=999))
+
+
+def test_hostile_encoder_weights_are_refused_and_run_nothing(tmp_path):
+    from her2lab.embed.backbones import BackboneSpec, WeightsError, create_model, load_weights
+
+    marker = tmp_path / "ran"
+    evil = hostile_checkpoint(tmp_path / "encoder.pt", marker)
+    with pytest.raises(WeightsError) as err:
+        load_weights(create_model(BackboneSpec(name="test_resnet", pretrained=False)), evil, "backbone.weights")
+    msg = str(err.value)
+    assert "\n" not in msg and "\x1b" not in msg and str(evil) in msg and "could run code" in msg
+    assert not marker.exists()

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from her2lab.models.abmil import AttentionMIL
@@ -68,6 +69,7 @@ def test_ordinal_head_probabilities_are_valid_and_ordered():
     assert torch.allclose(ordinal_loss(good, y, torch.ones(4)), ordinal_loss(good, y))
 
 
+@pytest.mark.slow  # 150 training steps
 def test_ordinal_mil_learns_an_ordered_toy_task():
     from her2lab.models.heads import ordinal_loss, ordinal_probs
 

@@ -1,25 +1,21 @@
 import resource
-import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from her2lab.data.cohort import load_manifest
-from her2lab.embed.backbones import BackboneSpec, build_encoder, create_model
+from her2lab.embed.backbones import BackboneSpec, build_encoder
 from her2lab.embed.extract import ExtractSettings, extract_cohort
 from her2lab.errors import OutputError, StaleCacheError
 from her2lab.slides.prepare import PrepareSettings, prepare_cohort
 from her2lab.slides.reader import Slide
 from her2lab.slides.tiling import TileReader, TilingParams, tile_geometry
 from her2lab.slides.tissue import TissueParams
+from tests.helpers import HAND_TILING, hand_manifest, hand_settings
 
 TILING = TilingParams(target_mpp=2.0, patch_px=64, min_tissue=0.5)
 
@@ -39,12 +35,9 @@ def prepared(hne_cohort, tmp_path_factory):
     return items, cache
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "r18.pt"
-    torch.save(create_model(_spec()).state_dict(), path)
-    return path
+@pytest.fixture
+def weights(r18_weights):
+    return r18_weights
 
 
 def _read(path):
@@ -145,82 +138,6 @@ def test_disk_full_mid_write_keeps_finished_slides(prepared, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
-# --- the command line: kill + resume, and sharding across processes ----------------------------
-
-def _cli(tmp_path: Path, weights: Path, *args: str) -> list[str]:
-    return [
-        sys.executable, "-m", "her2lab.extract", "cohort=demo", "cohort.synthetic.n_slides=4",
-        "cohort.synthetic.n_pairs=1", "backbone=timm", "backbone.name=resnet18", f"backbone.weights={weights}",
-        "backbone.preset=resnet18", "backbone.input_px=64", "backbone.target_mpp=2.0", "extract.batch_size=8",
-        f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}", "prepare.qc=false", *args,
-    ]
-
-
-def _features(tmp_path: Path) -> dict[str, tuple]:
-    folder = tmp_path / "data" / "demo" / "features" / "2mpp_64px_0px_overlap" / "resnet18"
-    return {p.stem: _read(p)[:2] for p in sorted(folder.glob("*.h5"))}
-
-
-def test_killed_run_resumes_to_identical_files(tmp_path, weights):
-    # Uninterrupted reference.
-    ref = tmp_path / "ref"
-    subprocess.run(_cli(ref, weights), check=True, capture_output=True, timeout=600)
-    want = _features(ref)
-    assert len(want) == 4
-    # Same cohort, killed once the first slide is written, then run again.
-    run = tmp_path / "run"
-    shutil.copytree(ref / "data" / "demo", run / "data" / "demo", ignore=shutil.ignore_patterns("features"))
-    proc = subprocess.Popen(_cli(run, weights), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    folder = run / "data" / "demo" / "features" / "2mpp_64px_0px_overlap" / "resnet18"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(folder.glob("*.h5")):
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    assert 1 <= len(list(folder.glob("*.h5"))) < 4  # killed mid-cohort
-    subprocess.run(_cli(run, weights), check=True, capture_output=True, timeout=600)
-    got = _features(run)
-    assert got.keys() == want.keys()
-    for k in want:
-        assert np.array_equal(got[k][0], want[k][0]) and np.array_equal(got[k][1], want[k][1])
-
-
-def test_two_processes_shard_the_cohort_exactly_once(tmp_path, weights):
-    single = tmp_path / "single"
-    subprocess.run(_cli(single, weights), check=True, capture_output=True, timeout=600)
-    want = _features(single)
-    multi = tmp_path / "multi"
-    shutil.copytree(single / "data" / "demo", multi / "data" / "demo", ignore=shutil.ignore_patterns("features"))
-    procs = [
-        subprocess.Popen(_cli(multi, weights, f"extract.shard={i}", "extract.num_shards=2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
-    folder = multi / "data" / "demo" / "features" / "2mpp_64px_0px_overlap" / "resnet18"
-    reports = [pd.read_csv(folder / f"extract_report_shard{i}of2.csv") for i in range(2)]
-    done = [sid for r in reports for sid in r.slide_id[r.status == "done"]]
-    assert sorted(done) == sorted(want)  # every slide exactly once
-    got = _features(multi)
-    for k in want:
-        assert np.array_equal(got[k][0], want[k][0])
-
-
-@pytest.mark.slow
-def test_submitit_local_launcher_shards_like_slurm(tmp_path, weights):
-    # The SLURM recipe (docs/encoders.md) with the local submitit executor: two jobs, one per shard.
-    cmd = _cli(tmp_path, weights, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-               "extract.num_shards=2", "extract.shard=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    cmd.insert(3, "--multirun")
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    folder = tmp_path / "data" / "demo" / "features" / "2mpp_64px_0px_overlap" / "resnet18"
-    reports = [pd.read_csv(folder / f"extract_report_shard{i}of2.csv") for i in range(2)]
-    done = [sid for r in reports for sid in r.slide_id[r.status == "done"]]
-    assert len(done) == 4 and len(set(done)) == 4
-    assert len(list(folder.glob("*.h5"))) == 4
-
-
 def test_prefetch_thread_gives_identical_files(prepared, weights, tmp_path):
     items, _ = prepared
     enc = build_encoder(_spec(weights=str(weights), pretrained=True))
@@ -229,3 +146,77 @@ def test_prefetch_thread_gives_identical_files(prepared, weights, tmp_path):
     for sid, *_ in items[:2]:
         a, b = _read(tmp_path / "plain" / f"{sid}.h5"), _read(tmp_path / "thread" / f"{sid}.h5")
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def _encoder():
+    import torch
+
+    from her2lab.embed.backbones import BackboneSpec, build_encoder
+
+    torch.manual_seed(0)
+    return build_encoder(BackboneSpec(name="resnet18", input_px=64, target_mpp=2.0, pretrained=False, preset="r18"))
+
+
+def _old_tiles_file(path: Path, slide: Path, **attrs) -> Path:
+    """A tiles file as an older prepare wrote it for the 72 dpi slide: 0-px tiles."""
+    with h5py.File(path, "w") as f:
+        f["coords"] = np.zeros((4, 2), np.int64)
+        f.attrs.update({
+            "slide_id": slide.stem, "slide_path": str(slide), "slide_bytes": slide.stat().st_size,
+            "level0_mpp": 352.78, "mpp_source": "openslide", "target_mpp": 2.0, "patch_px": 64,
+            "patch_px_level0": 0, "stride_level0": 0.36, "read_level": 0, "read_px": 0,
+            "tiling": HAND_TILING.name, "param_hash": "old", **attrs,
+        })
+    return path
+
+
+def _prepared_good(slides: Path, tmp_path: Path) -> tuple:
+    manifest = hand_manifest(tmp_path, [("good", str(slides / "good.tiff"), "")])
+    settings = hand_settings(tmp_path / "cache")
+    prepare_cohort(manifest, settings)
+    return ("good", str(slides / "good.tiff"), None, settings.tiles_path("good"))
+
+
+@pytest.mark.parametrize("kind", ["zero_px_tiles", "clam_patches", "bad_level"])
+def test_extraction_isolates_a_bad_slide(slides, tmp_path, kind):
+    from her2lab.embed.extract import extract_cohort
+
+    good = _prepared_good(slides, tmp_path)
+    bad_tiles = tmp_path / "bad.h5"
+    if kind == "zero_px_tiles":
+        _old_tiles_file(bad_tiles, slides / "dpi72.tiff")
+    elif kind == "bad_level":  # plausible sizes, but a pyramid level the slide does not have
+        _old_tiles_file(bad_tiles, slides / "dpi72.tiff", patch_px_level0=256, read_px=64, read_level=7,
+                        stride_level0=256.0, level0_mpp=0.5)
+    else:  # CLAM's create_patches_fp.py layout: a `coords` dataset with patch_level/patch_size attributes
+        with h5py.File(bad_tiles, "w") as f:
+            d = f.create_dataset("coords", data=np.array([[0, 0], [256, 0]], np.int64))
+            d.attrs.update({"patch_level": 0, "patch_size": 256, "downsample": [1.0, 1.0]})
+    items = [("dpi72", str(slides / "dpi72.tiff"), 0.5, bad_tiles), good]
+    report = extract_cohort(items, _encoder(), tmp_path / "features").set_index("slide_id")
+    assert report.status["good"] == "done" and report.status["dpi72"] == "failed"
+    msg = report.error["dpi72"]
+    assert "\n" not in msg and ("bad.h5" in msg or "dpi72.tiff" in msg)
+    assert "prepare" in msg  # the fix: re-run prepare
+    why = {"zero_px_tiles": "tiles of 0 level-0 px", "clam_patches": "not a her2lab tiles file",
+           "bad_level": "pyramid level 7 asked for, the slide has 2"}[kind]
+    assert why in msg
+    with h5py.File(tmp_path / "features" / "good.h5") as f:
+        assert f["features"].shape == (len(f["coords"]), 512) and np.isfinite(f["features"][:]).all()
+
+
+def test_peer_features_file_in_the_features_folder_is_named_not_mistaken(slides, tmp_path):
+    from her2lab.embed.extract import extract_cohort
+
+    good = _prepared_good(slides, tmp_path)
+    out = tmp_path / "features"
+    out.mkdir()
+    with h5py.File(out / "good.h5", "w") as f:  # TRIDENT / CLAM features: no attributes at all
+        f["features"] = np.zeros((3, 512), np.float32)
+        f["coords"] = np.zeros((3, 2), np.int64)
+    from her2lab.errors import StaleCacheError
+
+    with pytest.raises(StaleCacheError) as err:
+        extract_cohort([good], _encoder(), out)
+    msg = str(err.value)
+    assert "\n" not in msg and "good.h5" in msg and "not made by her2lab" in msg and "extract.overwrite=true" in msg

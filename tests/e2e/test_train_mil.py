@@ -1,36 +1,29 @@
 """Attention-MIL training end to end on a small synthetic cohort (real slides, encoder, Lightning)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
-from her2lab.embed.backbones import BackboneSpec, create_model
+from tests.helpers import run_task
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test trains through train.py
 
 
 @pytest.fixture(scope="module")
-def mil_run(tmp_path_factory):
+def mil_run(tmp_path_factory, r18_weights):
     tmp = tmp_path_factory.mktemp("mil")
-    torch.manual_seed(0)
-    weights = tmp / "r18.pt"
-    torch.save(create_model(BackboneSpec(name="resnet18", pretrained=False)).state_dict(), weights)
-    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp / "data"), "HER2LAB_LOG_DIR": str(tmp / "logs")}
+    weights = r18_weights
     args = [
         "data=bags", "model=abmil", "cohort=demo_ihc", "cohort.synthetic.n_slides=18", "cohort.synthetic.n_pairs=2",
         "data.n_folds=3", "backbone=timm", "backbone.name=resnet18", f"backbone.weights={weights}",
         "backbone.preset=r18", "backbone.input_px=64", "backbone.target_mpp=2.0", "trainer.max_epochs=3",
         "data.module.bag_size=16", "data.module.batch_size=4", f"hydra.run.dir={tmp / 'run'}",
     ]
-    res = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    res = run_task("train.py", *args, cwd=tmp, data_dir=tmp / "data", log_dir=tmp / "logs")
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp / "run"
 
@@ -65,21 +58,17 @@ def test_metrics_match_scikit_learn_on_the_same_predictions(mil_run):
     assert metrics["test/f1"] == pytest.approx(f1, abs=1e-4)
 
 
-def test_wandb_offline_run_holds_the_metrics(tmp_path):
+def test_wandb_offline_run_holds_the_metrics(tmp_path, r18_weights):
     import glob
 
-    torch.manual_seed(0)
-    weights = tmp_path / "r18.pt"
-    torch.save(create_model(BackboneSpec(name="resnet18", pretrained=False)).state_dict(), weights)
-    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data"), "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}
-    env.pop("WANDB_API_KEY", None)
+    weights = r18_weights
     args = [
         "data=bags", "model=abmil", "cohort.synthetic.n_slides=12", "cohort.synthetic.n_pairs=0", "data.n_folds=3",
         "backbone=timm",
         "backbone.name=resnet18", f"backbone.weights={weights}", "backbone.preset=r18", "backbone.input_px=64",
         "backbone.target_mpp=2.0", "trainer.max_epochs=2", "logger=many", "tags=[test,wandb]", f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    res = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    res = run_task("train.py", *args, cwd=tmp_path, data_dir=tmp_path / "data")
     assert res.returncode == 0, res.stderr[-3000:]
     runs = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1  # one offline run, ready for `wandb sync`
@@ -94,20 +83,15 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path):
     assert metrics["test/auroc"] >= 0
 
 
-@pytest.mark.slow
-def test_multirun_over_folds_jobs_are_self_contained(tmp_path):
-    torch.manual_seed(0)
-    weights = tmp_path / "r18.pt"
-    torch.save(create_model(BackboneSpec(name="resnet18", pretrained=False)).state_dict(), weights)
-    env = {**os.environ, "HER2LAB_DATA_DIR": str(tmp_path / "data"), "WANDB_SILENT": "true"}
-    env.pop("WANDB_API_KEY", None)
+def test_multirun_over_folds_jobs_are_self_contained(tmp_path, r18_weights):
+    weights = r18_weights
     args = [
         "--multirun", "logger=many", "data=bags", "model=abmil", "cohort.synthetic.n_slides=12", "cohort.synthetic.n_pairs=0",
         "data.n_folds=3", "fold=0,1", "backbone=timm", "backbone.name=resnet18", f"backbone.weights={weights}",
         "backbone.preset=r18", "backbone.input_px=64", "backbone.target_mpp=2.0", "trainer.max_epochs=2",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
-    res = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    res = run_task("train.py", *args, cwd=tmp_path, data_dir=tmp_path / "data")
     assert res.returncode == 0, res.stderr[-3000:]
     runs = sorted((tmp_path / "sweep").glob("[0-9]*"))
     assert len(runs) == 2
@@ -128,8 +112,8 @@ def test_multirun_over_folds_jobs_are_self_contained(tmp_path):
     cv = pd.read_csv(tmp_path / "sweep" / "cv_summary.csv")
     assert len(cv) == 1 and cv.folds_done[0] == 2 and cv["pooled slides"][0] == len(tests[0] | tests[1])
     # eval.py on a job of the sweep reproduces its test metrics
-    res = subprocess.run([sys.executable, str(REPO / "eval.py"), f"run_dir={runs[0]}", "n_boot=20", "heatmaps.limit=1",
-                          f"hydra.run.dir={tmp_path / 'eval0'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = run_task("eval.py", f"run_dir={runs[0]}", "n_boot=20", "heatmaps.limit=1", f"hydra.run.dir={tmp_path / 'eval0'}",
+                   cwd=tmp_path, data_dir=tmp_path / "data", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     e, m = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "eval0", runs[0]))
     assert e["test/auroc"] == pytest.approx(m["test/auroc"], abs=1e-6) and e["test/f1"] == pytest.approx(m["test/f1"], abs=1e-6)

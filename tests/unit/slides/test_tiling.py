@@ -1,12 +1,14 @@
+
 import cv2
 import numpy as np
 import pytest
 import tifffile
 
 from her2lab.data.synthetic import write_pyramid_tiff
+from her2lab.errors import SlideError
 from her2lab.slides.reader import Slide
 from her2lab.slides.tiling import TileReader, TilingParams, tile_geometry, tile_grid
-from tests.conftest import gradient_rgb
+from tests.helpers import gradient_rgb
 
 
 def _slide(tmp_path_factory, name: str, seed: int, downsamples: tuple[int, ...]):
@@ -106,3 +108,11 @@ def test_bad_tiling_parameters():
     with pytest.raises(ValueError, match="target_mpp"):
         TilingParams(target_mpp=0)
     assert TilingParams().name == "0.5mpp_224px_0px_overlap"
+
+
+def test_tile_smaller_than_a_level0_pixel_is_an_error(slides):
+    slide = Slide(slides / "coarse.tiff", mpp_override=20.0)
+    with pytest.raises(SlideError) as err:  # 16 px at 0.5 µm/px = 0.4 px of a 20 µm/px slide
+        tile_geometry(slide, TilingParams(target_mpp=0.5, patch_px=16))
+    msg = str(err.value)
+    assert "\n" not in msg and "coarse.tiff" in msg and "0.4" in msg and "mpp_override" in msg
