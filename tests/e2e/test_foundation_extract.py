@@ -7,12 +7,11 @@ import h5py
 import pytest
 import timm
 import torch
-from hydra import compose, initialize_config_dir
 from timm.layers import SwiGLUPacked
 from torch import nn
 
-from her2lab import CONF_DIR
 from her2lab.run.extract import run_extract
+from tests.helpers import compose_config
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +23,9 @@ def test_h0mini_extracts_the_cohort_from_a_snapshot_folder_and_the_features_say_
     ref = timm.create_model("vit_base_patch14_reg4_dinov2", num_classes=0, depth=2, img_size=224,
                             mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
     torch.save(ref.state_dict(), snap / "pytorch_model.bin")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("extract", [f"paths.data_dir={tmp_path / 'data'}", f"paths.weights_dir={tmp_path / 'weights'}",
-                                  "cohort.synthetic.n_slides=2", "cohort.synthetic.n_pairs=0", "num_workers=1",
-                                  "backbone=h0mini", "++backbone.model_kwargs.depth=2", "hydra.run.dir=.",
-                                  "paths.output_dir=."])
+    cfg = compose_config("extract", [f"paths.data_dir={tmp_path / 'data'}", f"paths.weights_dir={tmp_path / 'weights'}",
+                                     "cohort.synthetic.n_slides=2", "cohort.synthetic.n_pairs=0", "num_workers=1",
+                                     "backbone=h0mini", "++backbone.model_kwargs.depth=2"])
     report = run_extract(cfg)
     assert (report.status == "done").all() and len(report) == 2
     folder = tmp_path / "data" / "demo" / "features" / "0.5mpp_224px_0px_overlap" / "h0mini"

@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from timm.layers import SwiGLUPacked
 from torch import nn
 
-from her2lab import CONF_DIR
 from her2lab.embed.backbones import BackboneSpec, Encoder, WeightsError, build_encoder, create_model
+from tests.helpers import compose_config
 
 SWIGLU = {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
 
@@ -69,9 +68,7 @@ HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.23011
 
 
 def _preset(name: str, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"backbone={name}", *overrides])
-    return OmegaConf.to_container(cfg.backbone, resolve=True)
+    return OmegaConf.to_container(compose_config("train", [f"backbone={name}", *overrides]).backbone, resolve=True)
 
 
 @pytest.mark.parametrize("name", sorted(CARDS))
@@ -172,7 +169,6 @@ def test_hub_weights_offline_and_not_cached_is_one_line(tmp_path):
 
 
 def test_foundation_presets_compose_in_one_sweep():
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for name in ("hne", "uni", "virchow2"):
-            cfg = compose(config_name="train", overrides=[f"backbone={name}"])
-            assert cfg.backbone.preset == name and Path(str(cfg.data._target_)).suffix == ".BagInputs"
+    for name in ("hne", "uni", "virchow2"):
+        cfg = compose_config("train", [f"backbone={name}"])
+        assert cfg.backbone.preset == name and Path(str(cfg.data._target_)).suffix == ".BagInputs"
