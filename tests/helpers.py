@@ -3,15 +3,18 @@ small inputs written by hand (slides, TRIDENT features, a hostile checkpoint).""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 import pandas as pd
 import tifffile
+from omegaconf import OmegaConf
 
 from her2lab.slides.tiling import TilingParams
 
@@ -197,3 +200,23 @@ def thumb_records(settings, manifest: pd.DataFrame):
     score = {"0": 0, "1+": 1, "2+": 2, "3+": 3}
     return [ThumbRecord(r.slide_id, str(settings.thumb_path(r.slide_id)), str(settings.tiles_path(r.slide_id)), score[r.her2_score])
             for r in manifest.itertuples()]
+
+
+def read_features_file(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``features``, ``coords`` and the attributes of a features h5."""
+    with h5py.File(path) as f:
+        return f["features"][:], f["coords"][:], dict(f.attrs)
+
+
+def train_run(cfg) -> dict:
+    """Train in-process from a composed config; the run's ``metrics.json``."""
+    from her2lab.run.train import train
+
+    train(cfg)
+    return json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+
+
+def eval_config(run: Path, out: Path, **kw):
+    """An ``eval.py`` config testing ``run``'s test split into ``out`` (20 bootstrap resamples)."""
+    return OmegaConf.create({"run_dir": str(run), "ckpt_path": None, "split": "test", "n_boot": 20, "seed": 0,
+                             "output_dir": str(out), **kw})

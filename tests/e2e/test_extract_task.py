@@ -6,12 +6,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
 
 from tests.helpers import compose_config, hand_manifest, run_task, task_command, task_env
+from tests.helpers import read_features_file as _read
 
 
 @pytest.mark.slow
@@ -29,11 +29,6 @@ def test_offline_hub_error_says_how_to_use_a_file(tmp_path):
 @pytest.fixture
 def weights(r18_weights):
     return r18_weights
-
-
-def _read(path):
-    with h5py.File(path) as f:
-        return f["features"][:], f["coords"][:], dict(f.attrs)
 
 
 # --- the command line: kill + resume, and sharding across processes ----------------------------

@@ -23,6 +23,8 @@ from omegaconf import OmegaConf
 
 from her2lab.errors import Her2labError
 from tests.helpers import compose_config, gradient_rgb, hostile_checkpoint, run_task
+from tests.helpers import eval_config as _eval_cfg
+from tests.helpers import train_run as _train
 
 pytestmark = pytest.mark.slow  # every test uses a trained run
 
@@ -86,18 +88,6 @@ def _cfg(root: Path, out: Path, *overrides: str):
         "data.module.batch_size=2", "trainer.max_epochs=2", "trainer.accelerator=cpu", f"paths.output_dir={out}",
         "logger=csv", *overrides,
     ])
-
-
-def _train(cfg) -> dict:
-    from her2lab.run.train import train
-
-    train(cfg)
-    return json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-
-
-def _eval_cfg(run: Path, out: Path, **kw):
-    return OmegaConf.create({"run_dir": str(run), "ckpt_path": None, "split": "test", "n_boot": 20, "seed": 0,
-                             "output_dir": str(out), **kw})
 
 
 # --- features from elsewhere: no encoder, no thumbnail ----------------------------------------------

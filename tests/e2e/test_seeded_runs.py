@@ -10,24 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
 
 from tests.helpers import compose_config, save_random_weights
+from tests.helpers import eval_config as _eval_cfg
+from tests.helpers import train_run as _train
 
 pytestmark = pytest.mark.slow  # every test uses a trained run
-
-
-def _train(cfg) -> dict:
-    from her2lab.run.train import train
-
-    train(cfg)
-    return json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-
-
-def _eval_cfg(run: Path, out: Path, **kw):
-    return OmegaConf.create({"run_dir": str(run), "ckpt_path": None, "split": "test", "n_boot": 20, "seed": 0,
-                             "output_dir": str(out), **kw})
-
 
 # --- same seed, same model --------------------------------------------------------------------------
 

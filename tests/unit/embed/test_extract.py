@@ -16,6 +16,7 @@ from her2lab.slides.reader import Slide
 from her2lab.slides.tiling import TileReader, TilingParams, tile_geometry
 from her2lab.slides.tissue import TissueParams
 from tests.helpers import HAND_TILING, hand_manifest, hand_settings
+from tests.helpers import read_features_file as _read
 
 TILING = TilingParams(target_mpp=2.0, patch_px=64, min_tissue=0.5)
 
@@ -38,11 +39,6 @@ def prepared(hne_cohort, tmp_path_factory):
 @pytest.fixture
 def weights(r18_weights):
     return r18_weights
-
-
-def _read(path):
-    with h5py.File(path) as f:
-        return f["features"][:], f["coords"][:], dict(f.attrs)
 
 
 def test_features_equal_a_direct_forward(prepared, weights, tmp_path):
