@@ -9,32 +9,37 @@ Weights come from exactly one place, and the features file records which:
 
 - ``weights: /path/file`` — a state dict (``.pt``/``.pth``/``.bin``), a ``.safetensors`` file, a
   Lightning checkpoint, or an encoder exported by her2lab's patch-classifier pretraining;
-- ``weights: hub`` — downloaded by timm/torchvision (online only);
+- a Hugging Face snapshot folder (``model.safetensors``/``pytorch_model.bin`` and a config);
+- ``weights: hub`` — the authors' Hugging Face repository (``hf_hub_id``) or timm/torchvision's
+  published weights, downloaded with the user's token (online only);
 - ``weights: null`` with ``pretrained: false`` — random weights, only when asked for explicitly.
 
 Where an architecture comes from is an extension point: ``backbone.source`` names a builder
-registered with :func:`register_encoder` (``timm`` and ``torchvision`` here). A new source is one
-decorated function ``build(spec, num_classes) -> nn.Module`` (headless at ``num_classes=0``),
-optionally with ``hub=state(spec)`` for ``weights: hub``.
+registered with :func:`register_encoder` (:mod:`her2lab.embed.sources`: ``timm``,
+``torchvision``, ``transformers``, ``conch``).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from her2lab.embed.sources import (
+    get_source,
+    list_encoders,
+    register_encoder,
+    timm_hub_state,
+    unregister_encoder,
+)
 from her2lab.embed.weights import (
     WeightsError,
     file_sha256,
-    hf_hub_weights,
     load_state,
     load_weights,
     read_state_dict,
@@ -42,7 +47,6 @@ from her2lab.embed.weights import (
     state_sha256,
     weights_file,
 )
-from her2lab.registry import Registry
 
 __all__ = [
     "POOLINGS", "BackboneSpec", "Encoder", "WeightsError", "build_classifier", "build_encoder", "create_model",
@@ -55,69 +59,9 @@ log = logging.getLogger(__name__)
 #: How an encoder's embedding is read: its own output, or a ViT's class token, class token ⊕
 #: mean patch token, or mean patch token.
 POOLINGS = ("model", "cls", "cls_mean", "mean")
-#: Modules whose classes a preset may name as a timm layer (``mlp_layer: timm.layers.SwiGLUPacked``);
-#: nothing else is imported from a config.
-LAYER_MODULES = ("timm.layers", "torch.nn")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-
-@dataclass(frozen=True)
-class EncoderSource:
-    """A registered ``backbone.source``: how to build its architectures and fetch hub weights."""
-
-    build: Callable[..., nn.Module]  # (spec, num_classes) → module with random weights
-    hub: Callable[..., dict] | None = None  # spec → state dict of the published weights
-
-
-_ENCODERS: Registry[EncoderSource] = Registry("encoder source", key="backbone.source", error=WeightsError)
-
-
-def register_encoder(source: str, hub: Callable[..., dict] | None = None):
-    """Decorator: register ``build(spec, num_classes) -> nn.Module`` as ``backbone.source=source``.
-
-    Registering a source again replaces the builder registered before.
-
-    Args:
-        source: the ``backbone.source`` value that selects the builder.
-        hub: ``state(spec) -> dict`` giving the published weights for ``backbone.weights=hub``
-            (``None``: the source has no hub).
-    """
-
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _ENCODERS.register(source, EncoderSource(fn, hub), replace=True)
-        return fn
-
-    return deco
-
-
-def unregister_encoder(source: str) -> None:
-    """Remove a registered source (no error if it is not there)."""
-    _ENCODERS.unregister(source)
-
-
-def list_encoders() -> list[str]:
-    """The registered ``backbone.source`` values, sorted."""
-    return _ENCODERS.names()
-
-
-def timm_hub_state(name: str, model_kwargs: dict | None, what: str, key: str) -> dict[str, torch.Tensor]:
-    """timm's published weights of ``name`` (headless), or one error saying how to work offline.
-
-    Args:
-        what: the thing being built, for the message (``backbone imagenet``).
-        key: the config key that points at a file instead (``backbone.weights``).
-    """
-    try:
-        import timm
-
-        return timm.create_model(name, pretrained=True, num_classes=0, **(model_kwargs or {})).state_dict()
-    except Exception as exc:  # network, hub, or cache errors all mean the same to the user
-        raise WeightsError(
-            f"{what}: could not fetch pretrained {name} weights from the hub "
-            f"({type(exc).__name__}); offline, point at a file: {key}=/path/to/weights"
-        ) from None
 
 
 @dataclass
@@ -142,7 +86,7 @@ class BackboneSpec:
     licence: str = ""  # the weights' licence and gating, for the docs and the features file
 
     def __post_init__(self) -> None:
-        _ENCODERS.get(self.source)  # a wrong source fails when the config is read, not mid-run
+        get_source(self.source)  # a wrong source fails when the config is read, not mid-run
         if self.pooling not in POOLINGS:
             raise WeightsError(f"backbone.pooling={self.pooling!r}: use one of {', '.join(POOLINGS)}")
         self.mean = tuple(float(v) for v in self.mean)
@@ -172,7 +116,11 @@ class Encoder(nn.Module):
 
     def __init__(self, model: nn.Module, spec: BackboneSpec) -> None:
         super().__init__()
-        if spec.pooling != "model" and not (hasattr(model, "forward_features") and hasattr(model, "num_prefix_tokens")):
+        self.hf = hasattr(model, "config") and hasattr(model, "embeddings")  # a transformers model
+        if self.hf and spec.pooling == "model":
+            raise WeightsError(f"backbone {spec.label}: a transformers model is read from its tokens; "
+                               "set backbone.pooling=cls (or cls_mean, mean)")
+        if spec.pooling != "model" and not self.hf and not (hasattr(model, "forward_features") and hasattr(model, "num_prefix_tokens")):
             raise WeightsError(f"backbone {spec.label}: pooling={spec.pooling} reads a ViT's tokens, but "
                                f"{spec.name} has none; use backbone.pooling=model")
         self.model = model
@@ -180,13 +128,21 @@ class Encoder(nn.Module):
         self.weights_source = "random"
         self.weights_sha256 = ""
 
+    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """A ViT's output tokens ``(B, T, D)`` after its final norm — class token, registers, then
+        patch tokens — and how many come before the patch tokens."""
+        if self.hf:
+            n_prefix = 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+            return self.model(pixel_values=x).last_hidden_state, n_prefix
+        return self.model.forward_features(x), self.model.num_prefix_tokens
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.pooling == "model":
             # timm with num_classes=0 returns pooled features; AlexNet's conv stack is flattened as
             # in the study's code (256 × 2 × 2 = 1024-d at 96 px).
             return torch.flatten(self.model(x), 1)  # (B, D)
-        tokens = self.model.forward_features(x)  # (B, T, D): class token, registers, then patches
-        cls, patches = tokens[:, 0], tokens[:, self.model.num_prefix_tokens :]  # (B, D), (B, P, D)
+        tokens, n_prefix = self.tokens(x)  # (B, T, D)
+        cls, patches = tokens[:, 0], tokens[:, n_prefix:]  # (B, D), (B, P, D)
         if self.spec.pooling == "cls":
             return cls
         if self.spec.pooling == "mean":
@@ -205,67 +161,7 @@ class Encoder(nn.Module):
 
 def create_model(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
     """Architecture with random weights; ``num_classes=0`` gives the headless encoder's module."""
-    return _ENCODERS.get(spec.source).build(spec, num_classes)
-
-
-def _torchvision_hub(spec: BackboneSpec) -> dict[str, torch.Tensor]:
-    import torchvision
-
-    return torchvision.models.get_model_weights(spec.name).DEFAULT.get_state_dict(progress=False)
-
-
-@register_encoder("torchvision", hub=_torchvision_hub)
-def _torchvision_model(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
-    import torchvision
-
-    try:
-        fn = getattr(torchvision.models, spec.name)
-    except AttributeError:
-        raise WeightsError(f"backbone.name={spec.name!r} is not a torchvision model") from None
-    model = fn(weights=None, **spec.model_kwargs)
-    if spec.name == "alexnet":
-        if not num_classes:
-            return model.features  # conv part only, as the study used it
-        # The study's patch classifier: AlexNet conv features → 2×2 pool → classes.
-        model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
-        model.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(256 * 2 * 2, num_classes))
-        return model
-    if hasattr(model, "fc"):
-        model.fc = nn.Linear(model.fc.in_features, num_classes) if num_classes else nn.Identity()
-        return model
-    raise WeightsError(f"backbone.name={spec.name!r}: only AlexNet and ResNet-style torchvision models; use timm")
-
-
-def _timm_hub(spec: BackboneSpec) -> dict[str, torch.Tensor]:
-    if spec.hf_hub_id:
-        return read_state_dict(hf_hub_weights(spec.hf_hub_id, f"backbone {spec.label}"), f"backbone {spec.label}")[0]
-    return timm_hub_state(spec.name, spec.model_kwargs, f"backbone {spec.label}", "backbone.weights")
-
-
-@register_encoder("timm", hub=_timm_hub)
-def _timm_model(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
-    import timm
-
-    kwargs = {k: _layer(k, v) if k.endswith("_layer") else v for k, v in spec.model_kwargs.items()}
-    try:
-        model = timm.create_model(spec.name, pretrained=False, num_classes=num_classes, **kwargs)
-    except RuntimeError as exc:  # timm: "Unknown model (…)"
-        raise WeightsError(f"backbone.name={spec.name!r}: {str(exc).splitlines()[0]}; see timm.list_models()") from None
-    return model
-
-
-def _layer(key: str, value):
-    """A ``*_layer`` model kwarg: ``timm.layers.X`` or ``torch.nn.X`` names that class; any other
-    value (timm's own names such as ``silu``) goes to timm as it is."""
-    if not isinstance(value, str) or "." not in value:
-        return value
-    module, _, name = value.rpartition(".")
-    if module not in LAYER_MODULES:
-        raise WeightsError(f"backbone.model_kwargs.{key}={value!r}: only classes of {' or '.join(LAYER_MODULES)} can be named")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except AttributeError:
-        raise WeightsError(f"backbone.model_kwargs.{key}={value!r}: {module} has no {name}") from None
+    return get_source(spec.source).build(spec, num_classes)
 
 
 def headless_state(classifier: nn.Module, spec: BackboneSpec) -> dict[str, torch.Tensor]:
@@ -296,7 +192,7 @@ def build_encoder(spec: BackboneSpec) -> Encoder:
                 "backbone.weights=hub (downloads with your Hugging Face token)"
             )
         path = weights_file(path, f"backbone {spec.label}")
-        load_weights(enc.model, path, what=f"backbone {spec.label}")
+        load_weights(enc.model, path, what=f"backbone {spec.label}", convert=get_source(spec.source).convert)
         enc.weights_source = "file"
         enc.weights_sha256 = file_sha256(path)
     elif spec.pretrained:
@@ -319,7 +215,7 @@ def build_encoder(spec: BackboneSpec) -> Encoder:
 
 
 def _load_hub(enc: Encoder, spec: BackboneSpec) -> None:
-    hub = _ENCODERS.get(spec.source).hub
+    hub = get_source(spec.source).hub
     if hub is None:
         raise WeightsError(f"backbone {spec.label}: source {spec.source!r} has no hub; set backbone.weights=/path/to/weights")
     try:
@@ -331,7 +227,7 @@ def _load_hub(enc: Encoder, spec: BackboneSpec) -> None:
             f"backbone {spec.label}: could not fetch pretrained {spec.name} weights from the hub "
             f"({type(exc).__name__}); offline, point at a file: backbone.weights=/path/to/weights"
         ) from None
-    load_state(enc.model, state, f"backbone {spec.label}", "hub weights")
+    load_state(enc.model, state, f"backbone {spec.label}", "hub weights", get_source(spec.source).convert)
     enc.weights_source = "hub"
     enc.weights_sha256 = state_sha256(enc.model.state_dict())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 from her2lab.checkpoint import data_only, unsafe_global
 from her2lab.errors import Her2labError
 from her2lab.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 #: Prefixes stripped from checkpoint keys (Lightning modules, DDP, common wrappers).
 KEY_PREFIXES = (
@@ -118,35 +121,50 @@ def read_state_dict(path: Path, what: str = "weights") -> tuple[dict[str, torch.
     return state, meta
 
 
-def load_weights(model: nn.Module, path: Path, what: str = "weights") -> None:
+def load_weights(model: nn.Module, path: Path, what: str = "weights", convert=None) -> None:
     """Load ``path`` into ``model``; report mismatched keys by name.
 
     Keys are matched after stripping common prefixes (``model.encoder.``, ``module.`` …);
-    classifier-head keys the headless encoder does not have are ignored.
+    classifier-head keys the headless encoder does not have are ignored. ``convert(state, model)``
+    (a source's converter from a published layout) is tried when the keys do not fit as they are.
     """
     state, _ = read_state_dict(path, what)
-    load_state(model, state, what, str(path))
+    load_state(model, state, what, str(path), convert)
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str, where: str) -> None:
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str, where: str, convert=None) -> None:
     """Load a state dict with prefix matching; mismatches are one error naming the keys."""
     own = model.state_dict()
+    fitted, problems = _fit(state, own)
+    if problems and convert is not None:
+        try:
+            converted, still = _fit(convert(dict(state), model), own)
+        except Exception as exc:  # the converter met a layout it does not know: report the file's keys
+            log.debug("%s: converting %s failed (%s)", what, where, exc)
+        else:  # report whichever reading of the file fits the model better
+            if not still or len(converted) > len(fitted):
+                fitted, problems = converted, still
+    if problems:
+        raise WeightsError(f"{what}: {where} does not fit the architecture: {'; '.join(problems)}; check backbone.name")
+    model.load_state_dict(fitted)
+
+
+def _fit(state: dict, own: dict) -> tuple[dict, list[str]]:
+    """The file's tensors the model takes, and what does not fit (empty when all does)."""
     state = _match_prefix(state, own)
     head = {k for k in state if k not in own and _is_head_key(k)}
     unexpected = sorted(k for k in state if k not in own and k not in head)
     missing = sorted(k for k in own if k not in state)
     shape = sorted(k for k in own if k in state and state[k].shape != own[k].shape)
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(unexpected[:3])}")
-        if shape:
-            k = shape[0]
-            parts.append(f"shape mismatch at {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-        raise WeightsError(f"{what}: {where} does not fit the architecture: {'; '.join(parts)}; check backbone.name")
-    model.load_state_dict({k: v for k, v in state.items() if k in own})
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(unexpected[:3])}")
+    if shape:
+        k = shape[0]
+        parts.append(f"shape mismatch at {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+    return {k: v for k, v in state.items() if k in own}, parts
 
 
 def _match_prefix(state: dict, own: dict) -> dict:
@@ -161,7 +179,8 @@ def _match_prefix(state: dict, own: dict) -> dict:
 
 
 def _is_head_key(key: str) -> bool:
-    return key.split(".")[0] in ("fc", "head", "classifier", "heads", "last_linear")
+    # "pooler": a transformers model's pooling layer, which the token-pooled encoder does not use
+    return key.split(".")[0] in ("fc", "head", "classifier", "heads", "last_linear", "pooler")
 
 
 def file_sha256(path: Path) -> str:

@@ -1,8 +1,8 @@
 """Pathology foundation-model presets: each builds its authors' architecture, reads its authors'
 weight files (a Hugging Face snapshot folder or the bare file), and embeds a tile the way its
-model card says — checked against a direct call of the reference timm model with random weights
-saved in the authors' key layout (depth shrunk to two blocks; the layout of those blocks is the
-authors')."""
+model card says — checked against a direct call of the reference model (timm, transformers,
+open_clip's pooler) with random weights saved in the authors' key layout (depth shrunk to two
+blocks; the layout of those blocks is the authors')."""
 
 from __future__ import annotations
 
@@ -65,24 +65,36 @@ CARDS = {
                                               "num_classes": 0}, _model_output, 1536),
 }
 HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+# every preset's full-size embedding dimension, and its (input px, µm/px) where not 224 px at 0.5
+DIMS = {**{name: card[3] for name, card in CARDS.items()}, "phikon": 768, "phikon2": 1024, "conch": 512, "ctranspath": 768}
+RESOLUTION = {"conch": (448, 0.5), "ctranspath": (224, 1.0)}
 
 
 def _preset(name: str, *overrides: str) -> dict:
     return OmegaConf.to_container(compose_config("train", [f"backbone={name}", *overrides]).backbone, resolve=True)
 
 
-@pytest.mark.parametrize("name", sorted(CARDS))
+@pytest.mark.parametrize("name", sorted(DIMS))
 def test_every_preset_builds_its_full_size_architecture_with_the_cards_dimension(name):
     spec = BackboneSpec(**{**_preset(name), "weights": None, "pretrained": False})
     with torch.device("meta"):  # the full model, without allocating its weights
         enc = Encoder(create_model(spec), spec)
         out = enc(torch.empty(2, 3, spec.input_px, spec.input_px))
-    assert tuple(out.shape) == (2, CARDS[name][3]) == (2, spec.embed_dim)
-    assert spec.label == name and spec.target_mpp == 0.5 and spec.input_px == 224
+    assert tuple(out.shape) == (2, DIMS[name]) == (2, spec.embed_dim)
+    assert spec.label == name and (spec.input_px, spec.target_mpp) == RESOLUTION.get(name, (224, 0.5))
     if name.startswith(("hoptimus", "h0")):
         assert spec.mean == HOPTIMUS_MEAN and spec.std == HOPTIMUS_STD
+    elif name == "conch":
+        assert spec.mean == CLIP_MEAN
     else:
         assert spec.mean == (0.485, 0.456, 0.406)
+
+
+def test_every_preset_file_has_a_test_here():
+    presets = {p.stem for p in (Path(__file__).parents[3] / "conf" / "backbone").glob("*.yaml")}
+    own = {"hne", "ihc", "imagenet", "alexnet_hne", "alexnet_ihc", "alexnet_imagenet", "timm"}  # tested elsewhere
+    assert {p for p in presets if not p.startswith("_")} - own == set(DIMS)
 
 
 @pytest.mark.slow  # about 15 s a preset here
@@ -172,3 +184,98 @@ def test_foundation_presets_compose_in_one_sweep():
     for name in ("hne", "uni", "virchow2"):
         cfg = compose_config("train", [f"backbone={name}"])
         assert cfg.backbone.preset == name and Path(str(cfg.data._target_)).suffix == ".BagInputs"
+
+
+@pytest.mark.parametrize(("name", "model_class"), [("phikon", "ViTModel"), ("phikon2", "Dinov2Model")])
+def test_transformers_presets_embed_like_their_model_cards_from_a_snapshot_folder(name, model_class, tmp_path):
+    import transformers
+
+    kwargs = {**_preset(name)["model_kwargs"], "num_hidden_layers": 2}
+    cls = getattr(transformers, model_class)
+    torch.manual_seed(0)
+    config = cls.config_class(**kwargs)
+    cls(config).save_pretrained(tmp_path / name)  # the authors' snapshot: config.json + model.safetensors
+    # the model card: AutoModel.from_pretrained(repo)(pixel_values=x).last_hidden_state[:, 0]
+    ref = transformers.AutoModel.from_pretrained(tmp_path / name).eval()
+    spec = BackboneSpec(**{**_preset(name, "++backbone.model_kwargs.num_hidden_layers=2"), "weights": str(tmp_path / name)})
+    enc = build_encoder(spec)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        want = ref(pixel_values=x).last_hidden_state[:, 0]
+        got = enc(x)
+    assert got.shape == want.shape == (2, DIMS[name])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert enc.model.config._attn_implementation == "sdpa"
+
+
+def test_conch_embeds_like_encode_image_from_the_whole_vision_language_checkpoint(tmp_path):
+    from open_clip.transformer import AttentionalPooler
+
+    torch.manual_seed(0)
+    trunk = timm.create_model("vit_base_patch16_224", img_size=448, num_classes=0, dynamic_img_size=True, depth=2).eval()
+    pool, ln = AttentionalPooler(512, 768, n_head=8, n_queries=1).eval(), nn.LayerNorm(512)
+    for p in [*pool.parameters(), *ln.parameters()]:
+        p.data.normal_(0, 0.5)
+    state = {f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()}
+    state |= {f"visual.attn_pool_contrast.{k}": v for k, v in pool.state_dict().items()}
+    state |= {f"visual.ln_contrast.{k}": v for k, v in ln.state_dict().items()}
+    # the parts of CONCH's pytorch_model.bin the image embedding does not use
+    state |= {"visual.proj_contrast": torch.randn(512, 512), "visual.ln_caption.weight": torch.ones(768),
+              "text.token_embedding.weight": torch.randn(8, 4), "text_decoder.ln_final.weight": torch.ones(4),
+              "logit_scale": torch.tensor(1.0)}
+    (tmp_path / "conch").mkdir()
+    torch.save(state, tmp_path / "conch" / "pytorch_model.bin")
+    enc = build_encoder(BackboneSpec(**{**_preset("conch", "++backbone.model_kwargs.depth=2"), "weights": str(tmp_path / "conch")}))
+    x = torch.randn(2, 3, 448, 448)
+    with torch.no_grad():  # encode_image(x, proj_contrast=False, normalize=False)
+        want = ln(pool(trunk.forward_features(x))[:, 0])
+        got = enc(x)
+    assert got.shape == (2, 512)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    del state["visual.ln_contrast.weight"]  # a truncated checkpoint names what is missing
+    torch.save(state, tmp_path / "conch" / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match="missing 1 key.* ln_contrast.weight"):
+        build_encoder(BackboneSpec(**{**_preset("conch", "++backbone.model_kwargs.depth=2"), "weights": str(tmp_path / "conch")}))
+
+
+def test_ctranspath_loads_the_authors_timm_0_5_checkpoint_layout(tmp_path):
+    import re
+
+    from her2lab.embed.layers import ConvStem
+
+    torch.manual_seed(0)
+    ref = timm.create_model("swin_tiny_patch4_window7_224", embed_layer=ConvStem, num_classes=0).eval()
+    for m in ref.modules():  # running statistics that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    old = {}  # ctranspath.pth: {"model": …}, downsampling at the end of stages 0–2, index and mask buffers saved
+    for k, v in ref.state_dict().items():
+        m = re.match(r"layers\.(\d+)\.downsample\.(.*)", k)
+        old[f"layers.{int(m[1]) - 1}.downsample.{m[2]}" if m else k] = v
+    old |= {k: b for k, b in ref.named_buffers() if k.endswith(("relative_position_index", "attn_mask"))}
+    assert "layers.0.downsample.reduction.weight" in old and sum("attn_mask" in k for k in old) == 5
+    torch.save({"model": old}, tmp_path / "ctranspath.pth")
+    enc = build_encoder(BackboneSpec(**{**_preset("ctranspath"), "weights": str(tmp_path / "ctranspath.pth")}))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():  # the authors' forward: mean of the last stage's tokens after the final norm
+        want = ref.norm(ref.layers(ref.patch_embed(x))).mean((1, 2))
+        got = enc(x)
+    assert got.shape == (2, 768)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    swin_s = timm.create_model("swin_small_patch4_window7_224", embed_layer=ConvStem, num_classes=0)  # 18 blocks in stage 2
+    torch.save({"model": swin_s.state_dict()}, tmp_path / "swin_s.pth")
+    with pytest.raises(WeightsError, match=r"swin_s.pth does not fit the architecture: unexpected 156 key\(s\) e.g. layers.2.blocks.10."):
+        build_encoder(BackboneSpec(**{**_preset("ctranspath"), "weights": str(tmp_path / "swin_s.pth")}))
+
+
+def test_a_gated_repository_says_how_to_get_access(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(repo_id, filename, **_):  # what the hub answers a token without access
+        raise GatedRepoError(f"Access to model {repo_id} is restricted.", response=None)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(WeightsError, match=r"^backbone uni: MahmoodLab/UNI is gated; request access at "
+                       r"https://huggingface.co/MahmoodLab/UNI, log in \(`hf auth login` or HF_TOKEN\) and retry; or, offline"):
+        build_encoder(BackboneSpec(**{**_preset("uni", "++backbone.model_kwargs.depth=1"), "weights": "hub"}))
