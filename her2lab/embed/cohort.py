@@ -55,7 +55,7 @@ def embed_manifest(cfg: DictConfig, manifest: pd.DataFrame, encoder: Encoder) ->
     settings = ExtractSettings(
         batch_size=int(ex.batch_size), num_workers=int(ex.num_workers), device=str(ex.device),
         precision=str(ex.precision), dtype=str(ex.dtype), overwrite=bool(ex.overwrite),
-        prefetch=ex.get("prefetch"),
+        prefetch=ex.get("prefetch"), compile=ex.get("compile", "auto"),
     )
     report = extract_cohort(items, encoder, out_dir, settings)
     failed_prep = prep_report[prep_report.status == "failed"][["slide_id", "error"]].assign(status="failed")

@@ -3,11 +3,13 @@ features those of the plain model within float16 storage tolerance."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from her2lab.embed.backbones import BackboneSpec, build_encoder
-from her2lab.embed.extract import Embedder, fold_batchnorm
+from her2lab.embed.extract import Embedder, ExtractSettings, fold_batchnorm
+from her2lab.errors import Her2labError
 
 
 def _with_batchnorm_statistics(enc):
@@ -39,3 +41,21 @@ def test_folded_resnet_features_equal_the_plain_model_and_hold_no_batchnorm():
 def test_an_encoder_without_batchnorm_runs_as_it_is():
     enc = build_encoder(BackboneSpec(name="alexnet", source="torchvision", pretrained=False, input_px=96))
     assert fold_batchnorm(enc) is enc
+
+
+@pytest.mark.slow  # compiling takes 10–40 s on two cores
+def test_compiled_encoder_features_equal_the_plain_model_at_every_batch_size():
+    enc = _with_batchnorm_statistics(build_encoder(BackboneSpec(name="resnet18", pretrained=False, input_px=64)))
+    tiles = torch.randint(0, 256, (7, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    plain = Embedder(enc, "cpu", "fp32")
+    compiled = Embedder(enc, "cpu", "fp32", compile=True, batch_size=4)
+    want = plain.embed(tiles)
+    got = torch.cat([compiled.embed(tiles[:4]), compiled.embed(tiles[4:])])  # the last batch padded to 4
+    assert compiled.compiled is not None  # it did compile, and stayed compiled
+    assert got.shape == want.shape == (7, 512)
+    torch.testing.assert_close(got.half().float(), want.half().float(), rtol=1e-3, atol=1e-3)
+
+
+def test_extract_compile_setting_is_checked():
+    with pytest.raises(Her2labError, match=r"extract.compile='yes': use auto, true or false"):
+        ExtractSettings(compile="yes")
