@@ -20,9 +20,10 @@ both on tiles at 0.5 µm/px:
    default) against ``dtype="float32"``.
 4. The forward itself, for ResNet-50 truncated after layer 3 (CLAM's and TRIDENT's ``resnet50``
    encoder, 1024-d): her2lab's inference encoder (BatchNorm folded, channels-last, as
-   ``Embedder`` runs it) against the plain model in its default memory layout (what CLAM's
-   ``extract_features_fp.py`` runs; CLAM itself is not installed here) and against the plain
-   model channels-last; patches/s on the same in-memory batches.
+   ``Embedder`` runs it), and the same through ``torch.compile`` (``extract.compile``), against
+   the plain model in its default memory layout (what CLAM's ``extract_features_fp.py`` runs;
+   CLAM itself is not installed here) and against the plain model channels-last; patches/s on
+   the same in-memory batches. (Foundation-model presets: ``bench/presets.py``.)
 
 The model-only baseline of (1) is the encoder exactly as the pipeline runs it (``Embedder``'s
 inference encoder), so the ratio is the pipeline's overhead alone.
@@ -148,9 +149,10 @@ def run_model(case: Case) -> float:
         return time.perf_counter() - t0
 
 
-def run_forwards(rounds: int) -> dict[str, list[float]]:
-    """Seconds for TRUNC_BATCHES batches through ResNet-50-trunc: her2lab's inference encoder,
-    the plain model in its default (NCHW) layout, and the plain model channels-last."""
+def run_forwards(rounds: int, compile_: bool = True) -> dict[str, list[float]]:
+    """Seconds for TRUNC_BATCHES batches through ResNet-50-trunc: her2lab's inference encoder
+    (and the same compiled, as ``extract.compile`` runs it), the plain model in its default
+    (NCHW) layout, and the plain model channels-last."""
     enc = build_encoder(BackboneSpec(name="resnet50_trunc", source="bench_resnet50_trunc", pretrained=False))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, 3, 224, 224, generator=gen)
@@ -158,10 +160,15 @@ def run_forwards(rounds: int) -> dict[str, list[float]]:
             "plain": (enc, x)}
     plain_cl = copy.deepcopy(enc).to(memory_format=torch.channels_last)
     nets["plain_cl"] = (plain_cl, x.contiguous(memory_format=torch.channels_last))
+    if compile_:  # Embedder(compile=True)'s encoder: torch.compile of the inference encoder
+        nets["compiled"] = (torch.compile(nets["her2lab"][0], dynamic=False), nets["her2lab"][1])
     out = {k: [] for k in nets}
     with torch.inference_mode():
-        for net, inp in nets.values():  # warm-up
+        for k, (net, inp) in nets.items():  # warm-up (and the one-off compile)
+            t0 = time.perf_counter()
             net(inp)
+            if k == "compiled":
+                out["compile_s"] = [time.perf_counter() - t0]
         for r in range(rounds):
             keys = list(nets)
             for k in keys[r % len(keys):] + keys[: r % len(keys)]:
@@ -199,6 +206,7 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=3, help="synthetic slides (default 3)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--quick", action="store_true", help="1 slide, 2 rounds")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row (its compile takes ~40 s)")
     args = ap.parse_args()
     if args.quick:
         args.slides, args.rounds = 1, 2
@@ -250,7 +258,7 @@ def main() -> None:
                 for w in WORKERS:
                     ratio[case.label][w].append(got["model"] / got[f"pipe{w}"])
 
-        forwards = run_forwards(args.rounds)
+        forwards = run_forwards(args.rounds, compile_=not args.no_compile)
         storage = {}
         for case in cases:  # deterministic: one run per dtype, on the first slide
             sizes = {}
@@ -314,13 +322,19 @@ def main() -> None:
                 f"| {s['float16'] / s['float32']:.2f}x |"
             )
         n_fwd = TRUNC_BATCHES * BATCH
-        for base, what in (("plain", "plain model, default NCHW layout (as CLAM runs it)"),
-                           ("plain_cl", "plain model, channels-last")):
+        pairs = [("her2lab", "plain", "plain model, default NCHW layout (as CLAM runs it)"),
+                 ("her2lab", "plain_cl", "plain model, channels-last")]
+        if "compiled" in forwards:
+            pairs += [("compiled", "plain", "plain model, default NCHW layout (as CLAM runs it)"),
+                      ("compiled", "her2lab", "her2lab's inference encoder uncompiled")]
+        names = {"her2lab": "her2lab's inference encoder (BatchNorm folded, channels-last)",
+                 "compiled": f"the same, torch.compile'd (extract.compile; compiled once in {forwards.get('compile_s', [0])[0]:.0f} s)"}
+        for ours, base, what in pairs:
             print(
-                f"| ResNet-50-trunc@224 (1024-d): forward patches/s, her2lab's inference encoder "
-                f"(BatchNorm folded, channels-last) (baseline: {what}) | {n_fwd / med(forwards['her2lab']):.1f} "
+                f"| ResNet-50-trunc@224 (1024-d): forward patches/s, {names[ours]} "
+                f"(baseline: {what}) | {n_fwd / med(forwards[ours]):.1f} "
                 f"| {n_fwd / med(forwards[base]):.1f} "
-                f"| {med(b / a for a, b in zip(forwards['her2lab'], forwards[base], strict=True)):.2f}x |"
+                f"| {med(b / a for a, b in zip(forwards[ours], forwards[base], strict=True)):.2f}x |"
             )
         print(
             "\nMedians over rounds; ratio = median of per-round ratios (patches/s: pipeline "
