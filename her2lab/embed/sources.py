@@ -12,7 +12,8 @@ model's. Built in:
 - ``transformers`` — a Hugging Face vision model built offline from its config fields
   (``backbone.name`` is the config's ``model_type``), SDPA attention, no pooler (Phikon);
 - ``conch`` — CONCH's image tower: a timm ViT trunk, open_clip's attentional pooler and a
-  LayerNorm (the embedding CONCH's ``encode_image(proj_contrast=False, normalize=False)`` gives).
+  LayerNorm (the embedding CONCH's ``encode_image(proj_contrast=False, normalize=False)`` gives);
+  it reads CONCH v1's whole checkpoint and CONCH v1.5's (TITAN's patch encoder) vision file.
 
 ``spec`` is a :class:`her2lab.embed.backbones.BackboneSpec`.
 """
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from her2lab.embed.weights import WeightsError, hf_hub_weights, read_state_dict
@@ -227,13 +230,55 @@ CONCH_PARTS = ("trunk.", "attn_pool_contrast.", "ln_contrast.")
 
 
 def _conch_convert(state: dict, model: nn.Module) -> dict:
-    """A whole CONCH checkpoint (``visual.*``, ``text.*``, ``text_decoder.*`` …) → the image tower's keys."""
+    """A CONCH checkpoint as its authors publish it → the image tower's keys.
+
+    - v1's ``pytorch_model.bin`` is the whole vision-language model (``visual.*``, ``text.*``,
+      ``text_decoder.*`` …): the image tower's keys are taken.
+    - v1.5's ``pytorch_model_vision.bin`` (TITAN's patch encoder, as TRIDENT builds it) has a
+      Flamingo-style pooler (``to_q``, ``to_kv``, ``to_out``) and a position embedding for 224 px,
+      which TRIDENT interpolates at every forward to the 448 px input; both are converted here, the
+      interpolation done once.
+    """
     out = {}
     for k, v in state.items():
         k = k.removeprefix("module.").removeprefix("visual.")
         if k.startswith(CONCH_PARTS):
             out[k] = v
+    if "attn_pool_contrast.to_q.weight" in out:  # CONCH v1.5
+        out = _flamingo_pooler(out, "attn_pool_contrast.")
+        if "trunk.pos_embed" in out:
+            out["trunk.pos_embed"] = _dino_pos_embed(out["trunk.pos_embed"], model.trunk.patch_embed.grid_size)
     return out
+
+
+def _flamingo_pooler(state: dict, prefix: str) -> dict:
+    """Flamingo's attentional pooler (bias-free ``to_q``, ``to_kv`` = k rows then v rows,
+    ``to_out``) → open_clip's, whose ``nn.MultiheadAttention`` computes the same attention with
+    separate q/k/v weights and biases: the biases are zero."""
+    to_q = state.pop(f"{prefix}to_q.weight")  # (D, D)
+    d = to_q.shape[0]
+    state[f"{prefix}attn.q_proj_weight"] = to_q
+    if (kv := state.pop(f"{prefix}to_kv.weight", None)) is not None:  # (2D, D_context)
+        state[f"{prefix}attn.k_proj_weight"], state[f"{prefix}attn.v_proj_weight"] = kv.chunk(2)
+    if (to_out := state.pop(f"{prefix}to_out.weight", None)) is not None:  # (D, D)
+        state[f"{prefix}attn.out_proj.weight"] = to_out
+    state[f"{prefix}attn.in_proj_bias"] = to_q.new_zeros(3 * d)
+    state[f"{prefix}attn.out_proj.bias"] = to_q.new_zeros(d)
+    return state
+
+
+def _dino_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A ViT's position embedding (class token first, a square grid of patches) resized to ``grid``
+    as DINO and iBOT resize it at run time: bicubic by the scale factor (grid + 0.1) / old grid,
+    not to a target size, so it samples at other points than timm's resampling does."""
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    if tuple(grid) == (side, side):
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    patches = pos_embed[:, 1:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, side, side)
+    patches = F.interpolate(patches, scale_factor=((grid[0] + 0.1) / side, (grid[1] + 0.1) / side), mode="bicubic")
+    patches = patches.permute(0, 2, 3, 1).reshape(1, -1, dim)  # (1, H·W, D)
+    return torch.cat([pos_embed[:, :1].float(), patches], dim=1)  # (1, 1 + H·W, D)
 
 
 @register_encoder("conch", hub=_hf_hub, convert=_conch_convert)

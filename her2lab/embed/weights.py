@@ -33,13 +33,14 @@ class WeightsError(Her2labError):
     """Encoder weights cannot be found or do not fit the architecture."""
 
 
-#: Weight files of a Hugging Face snapshot folder, in the order they are looked for.
-SNAPSHOT_FILES = ("model.safetensors", "pytorch_model.bin")
+#: Weight files of a Hugging Face snapshot folder, in the order they are looked for
+#: (``pytorch_model_vision.bin``: CONCH v1.5's repository holds only that).
+SNAPSHOT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model_vision.bin")
 
 
 def weights_file(path: Path, what: str = "weights") -> Path:
     """``path`` itself, or for a folder (a Hugging Face snapshot as the authors distribute it) its
-    weights file: ``model.safetensors``, else ``pytorch_model.bin``, else its one ``.safetensors``,
+    weights file: the first of :data:`SNAPSHOT_FILES` it holds, else its one ``.safetensors``,
     ``.bin``, ``.pth`` or ``.pt`` file."""
     if not path.is_dir():
         return path
