@@ -7,6 +7,7 @@ blocks; the layout of those blocks is the authors')."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from timm.layers import SwiGLUPacked
 from torch import nn
@@ -67,8 +69,9 @@ CARDS = {
 HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 # every preset's full-size embedding dimension, and its (input px, µm/px) where not 224 px at 0.5
-DIMS = {**{name: card[3] for name, card in CARDS.items()}, "phikon": 768, "phikon2": 1024, "conch": 512, "ctranspath": 768}
-RESOLUTION = {"conch": (448, 0.5), "ctranspath": (224, 1.0)}
+DIMS = {**{name: card[3] for name, card in CARDS.items()}, "phikon": 768, "phikon2": 1024, "conch": 512, "conch15": 768,
+        "ctranspath": 768}
+RESOLUTION = {"conch": (448, 0.5), "conch15": (448, 0.5), "ctranspath": (224, 1.0)}
 
 
 def _preset(name: str, *overrides: str) -> dict:
@@ -236,6 +239,117 @@ def test_conch_embeds_like_encode_image_from_the_whole_vision_language_checkpoin
     torch.save(state, tmp_path / "conch" / "pytorch_model.bin")
     with pytest.raises(WeightsError, match="missing 1 key.* ln_contrast.weight"):
         build_encoder(BackboneSpec(**{**_preset("conch", "++backbone.model_kwargs.depth=2"), "weights": str(tmp_path / "conch")}))
+
+
+def _trident_pos_embed(pos_embed, px, patch=16):
+    """TRIDENT's ``interpolate_pos_encoding`` for CONCH v1.5 at a px × px input, written out."""
+    n = pos_embed.shape[1] - 1
+    w0 = h0 = px // patch + 0.1  # DINO's offset against floating-point error in the output size
+    grid = pos_embed[:, 1:].reshape(1, int(math.sqrt(n)), int(math.sqrt(n)), -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)), mode="bicubic")
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, pos_embed.shape[-1])], dim=1)
+
+
+def _flamingo_pool(tokens, p, heads=8):
+    """CONCH v1.5's attentional pooler (Flamingo's, one query) by hand: (B, T, D_ctx) → (B, 1, D)."""
+    b, t, _ = tokens.shape
+    d = p["query"].shape[-1]
+    x = F.layer_norm(tokens, (tokens.shape[-1],), p["ln_k.weight"], p["ln_k.bias"])
+    q = F.layer_norm(p["query"], (d,), p["ln_q.weight"], p["ln_q.bias"]) @ p["to_q.weight"].T  # (1, D)
+    k, v = (x @ p["to_kv.weight"].T).chunk(2, dim=-1)  # (B, T, D) each
+    q = q.reshape(1, heads, 1, d // heads).expand(b, -1, -1, -1)  # (B, h, 1, D/h)
+    k, v = (z.reshape(b, t, heads, d // heads).transpose(1, 2) for z in (k, v))  # (B, h, T, D/h)
+    attn = (q @ k.transpose(-1, -2) * (d // heads) ** -0.5).softmax(-1)  # (B, h, 1, T)
+    out = (attn @ v).transpose(1, 2).reshape(b, 1, d)  # (B, 1, D)
+    return out @ p["to_out.weight"].T
+
+
+def _conch15_state(depth=2, seed=0):
+    """Random weights in the layout of CONCH v1.5's pytorch_model_vision.bin: the trunk's position
+    embedding for 224 px, the pooler's to_q / to_kv / to_out without biases."""
+    torch.manual_seed(seed)
+    trunk = timm.create_model("vit_large_patch16_224", num_classes=0, init_values=1.0, depth=depth).eval()
+    with torch.no_grad():  # a position embedding and LayerScale far from their init, so both matter
+        trunk.pos_embed.normal_(0, 1)
+        for name, p in trunk.named_parameters():
+            if name.endswith("gamma"):
+                p.normal_(1, 0.2)
+    pool = {"query": torch.randn(1, 768), "ln_k.weight": 1 + 0.1 * torch.randn(1024), "ln_k.bias": 0.1 * torch.randn(1024),
+            "ln_q.weight": 1 + 0.1 * torch.randn(768), "ln_q.bias": 0.1 * torch.randn(768),
+            "to_q.weight": 0.05 * torch.randn(768, 768), "to_kv.weight": 0.05 * torch.randn(1536, 1024),
+            "to_out.weight": 0.05 * torch.randn(768, 768)}
+    state = {f"trunk.{k}": v for k, v in trunk.state_dict().items()}
+    state |= {f"attn_pool_contrast.{k}": v for k, v in pool.items()}
+    state |= {"ln_contrast.weight": 1 + 0.1 * torch.randn(768), "ln_contrast.bias": 0.1 * torch.randn(768)}
+    return trunk, pool, state
+
+
+def test_conch15_embeds_like_tridents_forward_from_its_vision_checkpoint(tmp_path):
+    trunk, pool, state = _conch15_state()
+    assert state["trunk.pos_embed"].shape == (1, 197, 1024)  # 14 × 14 + 1: the checkpoint's 224 px grid
+    snap = tmp_path / "conch15"  # as `hf download MahmoodLab/conchv1_5 --local-dir` leaves it
+    snap.mkdir()
+    torch.save(state, snap / "pytorch_model_vision.bin")
+    (snap / "meta.yaml").write_text("model: conch_v1_5\n")
+    (snap / "README.md").write_text("CONCH v1.5\n")
+    enc = build_encoder(BackboneSpec(**{**_preset("conch15", "++backbone.model_kwargs.depth=2"), "weights": str(snap)}))
+    assert enc.weights_source == "file" and enc.spec.embed_dim == 768
+    # the position embedding TRIDENT interpolates at every 448 px forward, computed once at load
+    want_pos = _trident_pos_embed(state["trunk.pos_embed"], 448)
+    assert want_pos.shape == enc.model.trunk.pos_embed.shape == (1, 785, 1024)
+    assert torch.equal(enc.model.trunk.pos_embed, want_pos)
+    x = torch.randn(2, 3, 448, 448)
+    with torch.no_grad():  # TRIDENT's CONCHVisionTower.forward, written out
+        t = trunk.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (2, 784, 1024)
+        t = torch.cat([trunk.cls_token.expand(2, -1, -1), t], dim=1) + want_pos  # (2, 785, 1024)
+        tokens = trunk.norm(trunk.blocks(t))
+        pooled = _flamingo_pool(tokens, pool)  # (2, 1, 768)
+        want = F.layer_norm(pooled[:, 0], (768,), state["ln_contrast.weight"], state["ln_contrast.bias"])
+        got_pooled = enc.model.attn_pool_contrast(tokens)  # open_clip's pooler with the converted weights
+        got = enc(x)
+    torch.testing.assert_close(got_pooled, pooled, atol=1e-5, rtol=1e-4)
+    assert got.shape == (2, 768) and want.std() > 0.5
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_conch15_names_what_does_not_fit(tmp_path):
+    _, _, state = _conch15_state(depth=1)
+    del state["ln_contrast.weight"]  # a truncated checkpoint names what is missing
+    torch.save(state, tmp_path / "pytorch_model_vision.bin")
+    spec = {**_preset("conch15", "++backbone.model_kwargs.depth=1"), "weights": str(tmp_path / "pytorch_model_vision.bin")}
+    with pytest.raises(WeightsError, match=r"pytorch_model_vision.bin does not fit the architecture: missing 1 key\(s\) e.g. ln_contrast.weight; check"):
+        build_encoder(BackboneSpec(**spec))
+    # CONCH v1's image tower (ViT-B/16, 512-d pooler) where v1.5's is expected: the wrong download
+    trunk = timm.create_model("vit_base_patch16_224", img_size=448, num_classes=0, dynamic_img_size=True, depth=1)
+    from open_clip.transformer import AttentionalPooler
+
+    v1 = {f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()}
+    v1 |= {f"visual.attn_pool_contrast.{k}": v for k, v in AttentionalPooler(512, 768, n_head=8, n_queries=1).state_dict().items()}
+    v1 |= {"visual.ln_contrast.weight": torch.ones(512), "visual.ln_contrast.bias": torch.zeros(512)}
+    torch.save(v1, tmp_path / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match=r"pytorch_model.bin does not fit the architecture: missing 2 key\(s\) e.g. "
+                       r"trunk.blocks.0.ls1.gamma.*shape mismatch at attn_pool_contrast.attn.in_proj_bias: file \(1536,\) vs model \(2304,\)"):
+        build_encoder(BackboneSpec(**{**spec, "weights": str(tmp_path / "pytorch_model.bin")}))
+
+
+def test_conch15_from_the_hub_is_its_vision_file(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    _, _, state = _conch15_state(depth=1)
+    torch.save(state, tmp_path / "pytorch_model_vision.bin")
+    asked = []
+
+    def download(repo_id, filename, **_):  # MahmoodLab/conchv1_5 holds meta.yaml and pytorch_model_vision.bin
+        asked.append((repo_id, filename))
+        if filename != "pytorch_model_vision.bin":
+            raise EntryNotFoundError(f"404 {filename}")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    enc = build_encoder(BackboneSpec(**{**_preset("conch15", "++backbone.model_kwargs.depth=1"), "weights": "hub"}))
+    assert asked[-1] == ("MahmoodLab/conchv1_5", "pytorch_model_vision.bin") and enc.weights_source == "hub"
+    assert torch.equal(enc.model.trunk.pos_embed, _trident_pos_embed(state["trunk.pos_embed"], 448))
 
 
 def test_ctranspath_loads_the_authors_timm_0_5_checkpoint_layout(tmp_path):
