@@ -57,7 +57,7 @@ from her2lab.slides.tiling import TilingParams
 from her2lab.slides.tissue import TissueParams
 
 BATCH = 32
-PRESETS = ["uni", "uni2", "conch", "virchow", "virchow2", "hoptimus0", "hoptimus1", "h0mini", "gigapath",
+PRESETS = ["uni", "uni2", "conch", "conch15", "virchow", "virchow2", "hoptimus0", "hoptimus1", "h0mini", "gigapath",
            "phikon", "phikon2", "ctranspath"]
 #: the config key that sets a preset's number of transformer blocks, per source
 DEPTH_KEY = {"timm": "depth", "conch": "depth", "transformers": "num_hidden_layers"}
