@@ -67,7 +67,7 @@ def preset_spec(name: str, blocks: int) -> BackboneSpec:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="extract", overrides=[f"backbone={name}"])
     d = OmegaConf.to_container(cfg.backbone, resolve=True)
-    if name != "ctranspath":  # a Swin-T is small enough to run whole
+    if blocks and name != "ctranspath":  # a Swin-T is small enough to run whole
         d["model_kwargs"] = {**d["model_kwargs"], DEPTH_KEY[d["source"]]: blocks}
     return BackboneSpec(**{**d, "weights": None, "pretrained": False})
 
@@ -75,7 +75,7 @@ def preset_spec(name: str, blocks: int) -> BackboneSpec:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets (default: all)")
-    ap.add_argument("--blocks", type=int, default=2, help="transformer blocks kept (default 2)")
+    ap.add_argument("--blocks", type=int, default=2, help="transformer blocks kept (default 2; 0: all)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--size", type=int, default=8192, help="slide width in px at 0.5 µm/px (default 8192; height 3/4)")
     ap.add_argument("--quick", action="store_true", help="1 round, 1 block, a 4096 px slide")
@@ -131,7 +131,7 @@ def main() -> None:
                     times[k].append(pipeline(tmp / f"out{r}") if k == "pipe" else model())
             n, med = len(ds), statistics.median
             ratio = med(m / p for m, p in zip(times["model"], times["pipe"], strict=True))
-            blocks = "all" if name == "ctranspath" else str(args.blocks)
+            blocks = "all" if name == "ctranspath" or not args.blocks else str(args.blocks)
             rows.append(f"| {name} | {spec.name} ({spec.source}) | {blocks} | {spec.embed_dim} | {spec.input_px} px @ "
                         f"{spec.target_mpp} µm/px | {n} | {n / med(times['pipe']):.1f} | {n / med(times['model']):.1f} "
                         f"| {ratio:.2f}x |")
