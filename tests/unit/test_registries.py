@@ -87,7 +87,7 @@ def test_a_registered_encoder_source_builds_a_frozen_encoder(tiny_encoder):
 
 
 def test_an_unknown_encoder_source_lists_the_registered_ones():
-    with pytest.raises(WeightsError, match=r"backbone.source='nope': use one of timm, torchvision$"):
+    with pytest.raises(WeightsError, match=r"backbone.source='nope': use one of conch, timm, torchvision, transformers$"):
         BackboneSpec(source="nope")
     assert "tinyconv" not in list_encoders()  # the fixture's registration did not leak
 
