@@ -8,6 +8,21 @@ import numpy as np
 
 from her2lab.io import atomic_path
 
+#: A colour per class index, as HER2 scores read: 0 blue, 1+ yellow, 2+ orange, 3+ red.
+CLASS_COLOURS = [(52, 101, 164), (237, 201, 0), (245, 121, 0), (204, 0, 0)]
+
+
+def class_colours(k: int) -> list[tuple[int, int, int]]:
+    """RGB (0–255) of classes ``0 … k-1``: :data:`CLASS_COLOURS`, then matplotlib's ``tab10``
+    (from its fifth colour on) for classes beyond the fourth."""
+    out = list(CLASS_COLOURS[:k])
+    if k > len(CLASS_COLOURS):
+        import matplotlib
+
+        tab = matplotlib.colormaps["tab10"].colors[4:]
+        out += [tuple(round(255 * v) for v in tab[i % len(tab)]) for i in range(k - len(CLASS_COLOURS))]
+    return out
+
 
 def confusion_png(matrix, class_names: list[str], path: Path, title: str = "") -> Path:
     """Confusion matrix (rows: true class, columns: predicted) with counts and row shares."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 from her2lab.embed.features_file import nonfinite_rows
 from her2lab.io import atomic_path
 from her2lab.models.base import MILNet, MILNetError
+from her2lab.plots import class_colours
 from her2lab.slides.reader import Slide
 from her2lab.slides.thumbnails import save_png
 
@@ -220,21 +222,27 @@ def montage_png(att: SlideAttention, path: Path, k: int = 8, px: int = 96, mpp: 
 
 
 def geojson(att: SlideAttention, path: Path, class_names: list[str] | None = None) -> Path:
-    """Tiles as QuPath-readable GeoJSON (level-0 pixel polygons) with measurements: attention,
-    its percentile, the tile score and each class's tile probability (``p_<class>``)."""
+    """Tiles as QuPath-readable GeoJSON (level-0 pixel polygons): detections with a UUID each,
+    classified as the tile's own predicted class (the argmax of its tile probabilities, coloured
+    by :func:`~her2lab.plots.class_colours`), with measurements: attention, its percentile, the
+    tile score and each class's tile probability (``p_<class>``)."""
     p = att.patch_px_level0
     pct = att.percentile()
     score = att.tile_score
     names = class_names or [str(i) for i in range(att.tile_probs.shape[1])]
+    colours = class_colours(len(names))
+    top = att.tile_probs.argmax(1) if len(att.tile_probs) else np.zeros(0, int)
     feats = []
     for i, ((x, y), a) in enumerate(zip(att.coords.tolist(), att.attention.tolist(), strict=True)):
+        c = int(top[i])
         feats.append({
-            "type": "Feature", "id": f"tile-{i}",
+            "type": "Feature", "id": str(uuid.uuid4()),
             "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + p, y], [x + p, y + p], [x, y + p], [x, y]]]},
-            "properties": {"objectType": "tile", "name": f"tile {i}",
+            "properties": {"objectType": "detection", "name": f"tile {i}",
+                           "classification": {"name": names[c], "color": list(colours[c])},
                            "measurements": {"attention": a, "attention_percentile": float(pct[i]),
                                             "tile_score": float(score[i]),
-                                            **{f"p_{c}": float(v) for c, v in zip(names, att.tile_probs[i], strict=True)}}},
+                                            **{f"p_{n}": float(v) for n, v in zip(names, att.tile_probs[i], strict=True)}}},
         })
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))

@@ -57,8 +57,40 @@ def test_geojson_round_trips_for_qupath(tmp_path):
     ring = f["geometry"]["coordinates"][0]
     assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and ring[2][0] - ring[0][0] == 448
     m = f["properties"]["measurements"]
-    assert f["properties"]["objectType"] == "tile" and m["attention"] == att.attention[0]
+    assert f["properties"]["objectType"] == "detection" and m["attention"] == att.attention[0]
     assert m["p_pos"] == att.tile_probs[0, 1] and m["tile_score"] == att.tile_probs[0, 1]  # two classes: score = P(pos)
+    assert f["properties"]["classification"]["name"] == ["neg", "pos"][int(att.tile_probs[0].argmax())]
+
+
+def test_geojson_tiles_are_valid_closed_uuid_detections_with_a_class(tmp_path):
+    """What QuPath needs to import the tiles as classified detections: valid closed polygons,
+    unique UUIDs, each tile classified as its own predicted class with a fixed colour per class."""
+    import uuid
+
+    from shapely.geometry import shape
+
+    rng = np.random.default_rng(2)
+    names = ["0", "1+", "2+", "3+", "ultralow", "extra"]
+    n = 60
+    tile_probs = rng.dirichlet(np.ones(len(names)), n)
+    att = SlideAttention("s", rng.integers(0, 10**5, (n, 2)), rng.dirichlet(np.ones(n)), np.full(6, 1 / 6),
+                         tile_probs, 256, 0.5, "")
+    feats = json.loads(geojson(att, tmp_path / "s.geojson", names).read_text())["features"]
+    assert len(feats) == n
+    ids = [f["id"] for f in feats]
+    assert len(set(ids)) == n and all(str(uuid.UUID(i)) == i for i in ids)
+    colour_of = {}
+    for i, f in enumerate(feats):
+        poly = shape(f["geometry"])
+        ring = f["geometry"]["coordinates"][0]
+        assert poly.geom_type == "Polygon" and poly.is_valid and poly.area == 256 * 256 and ring[0] == ring[-1]
+        cls = f["properties"]["classification"]
+        assert cls["name"] in names and cls["name"] == names[int(tile_probs[i].argmax())]
+        assert len(cls["color"]) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in cls["color"])
+        assert colour_of.setdefault(cls["name"], cls["color"]) == cls["color"]  # one colour per class
+    assert len({tuple(c) for c in colour_of.values()}) == len(colour_of)  # and distinct ones
+    coords, a = read_geojson(tmp_path / "s.geojson")
+    assert np.array_equal(coords, att.coords) and np.allclose(a, att.attention)
 
 
 def test_localisation_auroc_on_a_hand_made_slide():
