@@ -2,7 +2,9 @@
 
 Columns: ``slide_id, patient_id, path, her2_score`` (``0``, ``1+``, ``2+``, ``3+``), optional
 ``ish`` (``pos``/``neg``), ``mpp`` (level-0 µm/px that overrides the slide's metadata),
-``split`` and ``stain``. Relative paths are relative to the manifest's folder.
+``split`` and ``stain``. Relative paths are relative to the manifest's folder. A manifest of slides
+to score (``allow_unlabelled=True``) may leave ``her2_score`` empty or have no such column: those
+slides are unlabelled (``her2_score == ""``) and never enter a metric.
 
 Slide ids become file names (tiles, thumbnails, features, heatmaps), so they are held to a safe
 alphabet by :func:`check_slide_id`: nothing derived from a manifest can name a file outside the
@@ -100,8 +102,12 @@ def _show_char(c: str) -> str:
     return f"U+{ord(c):04X} ({unicodedata.name(c, 'control').lower()})"
 
 
-def load_manifest(path: str | os.PathLike, mpp_override: float | None = None) -> pd.DataFrame:
+def load_manifest(path: str | os.PathLike, mpp_override: float | None = None,
+                  allow_unlabelled: bool = False) -> pd.DataFrame:
     """Read and validate a manifest; returns a frame with absolute ``path`` and normalised labels.
+
+    With ``allow_unlabelled`` (scoring new slides) ``her2_score`` may be empty or absent: such rows
+    keep ``her2_score == ""``.
 
     Raises:
         ManifestError: missing file or columns, a column given twice, empty manifest, empty
@@ -122,6 +128,8 @@ def load_manifest(path: str | os.PathLike, mpp_override: float | None = None) ->
         ) from None
     df.columns = [c.strip() for c in df.columns]
     _check_header(path)
+    if allow_unlabelled and "her2_score" not in df.columns:
+        df["her2_score"] = ""
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(
@@ -131,11 +139,15 @@ def load_manifest(path: str | os.PathLike, mpp_override: float | None = None) ->
         raise ManifestError(f"{path}: the manifest has no rows")
     for col in df.columns:
         df[col] = df[col].str.strip()
-    empty = [(c, df.index[df[c] == ""]) for c in REQUIRED_COLUMNS]
+    needed = [c for c in REQUIRED_COLUMNS if not (allow_unlabelled and c == "her2_score")]
+    empty = [(c, df.index[df[c] == ""]) for c in needed]
     empty = [f"empty {c} on line(s) {_lines(rows)}" for c, rows in empty if len(rows)]
     if empty:
         # An empty patient_id would silently make all such slides one patient.
-        raise ManifestError(f"{path}: {'; '.join(empty)}; fill them in or drop the rows")
+        fix = ("; training needs a score for every slide: to score unlabelled slides, use "
+               "eval.py run_dir=<run> slides=<folder> or cohort.manifest=<this csv>"
+               if any(e.startswith("empty her2_score") for e in empty) else "")
+        raise ManifestError(f"{path}: {'; '.join(empty)}; fill them in or drop the rows{fix}")
     problems = df["slide_id"].map(slide_id_problem)
     bad = df.index[problems.notna()]
     if len(bad):
@@ -158,7 +170,8 @@ def load_manifest(path: str | os.PathLike, mpp_override: float | None = None) ->
             f"{path}: slide_id {', '.join(sorted(set(dup))[:5])} on line(s) {_lines(dup.index)} differ only "
             "in case; their files would be one file on a case-insensitive disk: make them unique"
         )
-    df["her2_score"] = _normalise(df, "her2_score", _SCORE_ALIASES, path, f"use one of {', '.join(HER2_SCORES)}")
+    scores = {**_SCORE_ALIASES, "": ""} if allow_unlabelled else _SCORE_ALIASES
+    df["her2_score"] = _normalise(df, "her2_score", scores, path, f"use one of {', '.join(HER2_SCORES)}")
     df["ish"] = _normalise(df, "ish", _ISH_ALIASES, path, "use pos, neg or leave empty") if "ish" in df.columns else ""
     if "mpp" in df.columns:
         mpp = pd.to_numeric(df["mpp"].replace("", None), errors="coerce")

@@ -16,8 +16,9 @@ from her2lab.io import ensure_writable_dir
 log = logging.getLogger(__name__)
 
 
-def resolve_cohort(cohort: DictConfig, num_workers: int = 1) -> pd.DataFrame:
+def resolve_cohort(cohort: DictConfig, num_workers: int = 1, allow_unlabelled: bool = False) -> pd.DataFrame:
     """Load the cohort's manifest; a synthetic cohort is generated (or completed) first.
+    ``allow_unlabelled``: slides without ``her2_score`` are kept (to be scored, never measured).
 
     Every slide id reaching the pipeline comes through here and :func:`load_manifest`, which
     refuses ids that cannot safely name files.
@@ -34,7 +35,7 @@ def resolve_cohort(cohort: DictConfig, num_workers: int = 1) -> pd.DataFrame:
         log.info(
             "synthetic cohort %s: %d %s slides in %s", cohort.name, syn.n_slides, syn.stain, root
         )
-    table = load_manifest(manifest, mpp_override=cohort.get("mpp_override"))
+    table = load_manifest(manifest, mpp_override=cohort.get("mpp_override"), allow_unlabelled=allow_unlabelled)
     check_stains(table, cohort)
     return table
 

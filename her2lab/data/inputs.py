@@ -71,7 +71,8 @@ class Inputs:
         ``external_cohort=true`` (evaluation on a new cohort): every slide is in the ``test`` split.
         """
         cfg = self.cfg
-        manifest = resolve_cohort(cfg.cohort, num_workers=cfg.get("num_workers", 1))
+        manifest = resolve_cohort(cfg.cohort, num_workers=cfg.get("num_workers", 1),
+                                  allow_unlabelled=bool(cfg.get("external_cohort")))
         labels = label_scheme(cfg.labels.name, cfg.labels.get("classes")).encode(manifest)
         if cfg.get("external_cohort"):
             split = pd.Series("test", index=manifest.index)

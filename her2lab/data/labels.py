@@ -52,14 +52,23 @@ def list_label_schemes() -> list[str]:
     return _SCHEMES.names()
 
 
+#: Class index of a slide without a HER2 score (scored, never measured).
+UNLABELLED = -1
+
+
 @dataclass(frozen=True)
 class LabelScheme:
     name: str
     classes: tuple[str, ...]
 
     def encode(self, manifest: pd.DataFrame) -> pd.Series:
-        """Class index per row; raises naming the slides a scheme cannot label."""
-        return _SCHEMES.get(self.name)[1](manifest).astype(int)
+        """Class index per row, ``-1`` for an unlabelled slide (empty ``her2_score``); raises
+        naming the slides a scheme cannot label."""
+        known = manifest["her2_score"].astype(str) != ""
+        out = pd.Series(UNLABELLED, index=manifest.index, dtype=int)
+        if known.any():
+            out[known] = _SCHEMES.get(self.name)[1](manifest[known]).astype(int)
+        return out
 
 
 def label_scheme(name: str, classes: list[str] | tuple[str, ...] | None = None) -> LabelScheme:

@@ -40,11 +40,13 @@ def write_failure(run_dir: Path, message: str) -> None:
 
 def write_predictions(outputs: list[dict], records: list, classes: list[str], fold: int, path: Path) -> pd.DataFrame:
     """One row per tested slide from a module's ``test_outputs`` (``index``, ``label``, ``probs``)
-    and the tested dataset's ``records``: slide_id, label, per-class probabilities, pred, fold."""
+    and the tested dataset's ``records``: slide_id, label (empty for an unlabelled slide, whose
+    ``label_index`` is -1), per-class probabilities, pred, fold."""
     rows = []
     for o in sorted(outputs, key=lambda o: o["index"]):
         probs = list(o["probs"])
-        rows.append({"slide_id": records[o["index"]].slide_id, "label": classes[o["label"]], "label_index": o["label"],
+        rows.append({"slide_id": records[o["index"]].slide_id, "label": classes[o["label"]] if o["label"] >= 0 else "",
+                     "label_index": o["label"],
                      **{f"p_{c}": p for c, p in zip(classes, probs, strict=True)},
                      "pred": classes[max(range(len(classes)), key=probs.__getitem__)], "fold": int(fold)})
     table = pd.DataFrame(rows)
@@ -84,10 +86,17 @@ def require_run_dir(run_dir: str | None, ckpt_path: str | None) -> Path:
     return found
 
 
-def eval_dir(run_dir: str | None, ckpt_path: str | None, split: str | None, cohort: str | None) -> str:
-    """Where an evaluation goes: ``<run>/eval/<split>`` or ``<run>/eval/external-<cohort>`` (the
-    timestamp is added after it). Without a run folder the evaluation stops with a message; its
-    Hydra folder then goes to the temporary directory rather than litter the working folder."""
+def eval_dir(run_dir: str | None, ckpt_path: str | None, split: str | None, cohort: str | None,
+             slides: str | None = None) -> str:
+    """Where an evaluation goes: ``<run>/eval/<split>``, ``<run>/eval/external-<cohort>`` or
+    ``<run>/eval/slides-<folder>`` (the timestamp is added after it; ``<run>`` may be a sweep
+    folder). Without a run folder the evaluation stops with a message; its Hydra folder then goes
+    to the temporary directory rather than litter the working folder."""
     found = find_run_dir(run_dir, ckpt_path)
-    name = f"external-{cohort}" if cohort else str(split or "test")
+    if slides:
+        path = Path(str(slides)).expanduser().absolute()
+        base = (path if path.is_dir() else path.parent).name or "slides"
+        name = "slides-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[:60]
+    else:
+        name = f"external-{cohort}" if cohort else str(split or "test")
     return str((found if found is not None else Path(tempfile.gettempdir()) / "her2lab-no-run") / "eval" / name)

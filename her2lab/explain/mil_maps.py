@@ -63,7 +63,8 @@ def attention_maps(module, dataset, rcfg: DictConfig, out: Path, limit: int | No
         att = bag_attention(module.net, rec.features_path, module.probs, chunk=chunk)
         path, mpp = slides.get(rec.slide_id, (att.slide_path, None))
         att, thumb, problem = _placed(att, rec.features_path, path, mpp, prep)
-        title = f"{rec.slide_id}: label {classes[rec.label]}, predicted {classes[int(att.probs.argmax())]} ({att.probs.max():.2f})"
+        label = classes[rec.label] if rec.label >= 0 else "unknown"
+        title = f"{rec.slide_id}: label {label}, predicted {classes[int(att.probs.argmax())]} ({att.probs.max():.2f})"
         if att.patch_px_level0 > 0:
             geojson(att, out / f"{rec.slide_id}.geojson", classes)
         if problem is None:
@@ -74,7 +75,7 @@ def attention_maps(module, dataset, rcfg: DictConfig, out: Path, limit: int | No
             log.warning("heatmaps of slide %s left out: %s%s", rec.slide_id, problem,
                         " (its GeoJSON is written)" if att.patch_px_level0 > 0 else "")
         if masks is not None:
-            rows.append({"slide_id": rec.slide_id, "label": classes[rec.label], "n_tiles": len(att.attention),
+            rows.append({"slide_id": rec.slide_id, "label": label, "n_tiles": len(att.attention),
                          **_localisation(att, masks / f"{rec.slide_id}_positive.png", mask_mpp)})
     log.info("attention maps of %d slide(s) → %s", len(records), out)
     if not rows:

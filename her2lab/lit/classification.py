@@ -6,7 +6,8 @@ macro F1, accuracy, balanced accuracy, quadratic-weighted kappa), per-class AURO
 matrix (test). With an ordinal net the loss is the
 cumulative-logit BCE and the metrics see the implied class probabilities. A class absent from a split is reported and
 left out of the macro AUROC (torchmetrics would count it as 0). Test predictions are kept, one
-row per item, for ``predictions.csv``.
+row per item, for ``predictions.csv``; an unlabelled test item (label ``-1``, a slide being scored)
+is predicted but enters no metric and no loss.
 
 Nothing is reported over non-finite numbers: a non-finite training loss stops the run at once
 with an error naming the epoch, the step and the likely causes; items whose class probabilities
@@ -86,19 +87,25 @@ class ClassificationModule(pl.LightningModule):
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         logits, y, idx = self.logits_of(batch)
-        loss = self.loss(logits, y)
         probs = self.probs(logits.float())
         if stage != "train" and self.nonfinite_items(stage, probs, idx):
-            return loss  # kept out of every metric; the epoch's end reports them
+            return self.loss(logits, y.clamp(min=0))  # kept out of every metric; the epoch's end reports them
+        if stage == "test" and idx is not None:  # every item, labelled or not (label -1), for predictions.csv
+            for i, p, t in zip(idx.tolist(), probs.tolist(), y.tolist(), strict=True):
+                self.test_outputs.append({"index": i, "label": t, "probs": p})
+        known = y >= 0  # unlabelled slides (label -1) are scored, never measured
+        if stage != "test" and not bool(known.all()):
+            raise Her2labError(f"{stage}: {int((~known).sum())} item(s) without a label; only test items may be unlabelled")
+        if not bool(known.any()):
+            return logits.sum() * 0.0
+        logits, y, probs = logits[known], y[known], probs[known]
+        loss = self.loss(logits, y)
         self.metrics[f"{stage}_"].update(probs, y)
         if f"{stage}_" in self.per_class:
             self.per_class[f"{stage}_"].update(probs, y)
             self.support[f"{stage}_"].update(y)
         if stage == "test":
             self.confusion.update(probs, y)
-            if idx is not None:
-                for i, p, t in zip(idx.tolist(), probs.tolist(), y.tolist(), strict=True):
-                    self.test_outputs.append({"index": i, "label": t, "probs": p})
         self.mean_loss[f"{stage}_"].update(loss.detach(), weight=len(y))
         return loss
 

@@ -38,7 +38,9 @@ class PatchToSlideModule(ImageClassifierModule):
             self._step(batch, stage)
             return
         logits, y, idx = self.logits_of(batch)
-        self.mean_loss[f"{stage}_"].update(self.loss(logits, y).detach(), weight=len(y))
+        known = y >= 0  # an unlabelled slide's tiles (label -1) are scored, never measured
+        if known.any():
+            self.mean_loss[f"{stage}_"].update(self.loss(logits[known], y[known]).detach(), weight=int(known.sum()))
         probs = self.probs(logits.float()).detach().cpu()
         for p, t, s in zip(probs, y.tolist(), idx.tolist(), strict=True):
             self._tiles[s].append(p)
@@ -61,12 +63,16 @@ class PatchToSlideModule(ImageClassifierModule):
                 probs, y, ids = probs[ok], y[ok], [s for s, k in zip(ids, ok.tolist(), strict=True) if k]
         if ids:
             probs, y = probs.to(self.device), y.to(self.device)
+            if stage == "test":
+                self.test_outputs = [{"index": s, "label": int(t), "probs": p.tolist()} for s, t, p in zip(ids, y, probs, strict=True)]
+            known = y >= 0
+            probs, y = probs[known], y[known]
+        if ids and len(y):
             self.metrics[f"{stage}_"].update(probs, y)
             self.per_class[f"{stage}_"].update(probs, y)
             self.support[f"{stage}_"].update(y)
             if stage == "test":
                 self.confusion.update(probs, y)
-                self.test_outputs = [{"index": s, "label": int(t), "probs": p.tolist()} for s, t, p in zip(ids, y, probs, strict=True)]
         self._tiles.clear()
         self._labels.clear()
 

@@ -14,6 +14,7 @@ for MIL runs, Grad-CAM for thumbnail runs).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -44,8 +45,25 @@ from her2lab.run.loggers import log_wandb_eval
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Evaluation:
+    """What one evaluation made: its folder, the run config it used (pointed at the evaluated
+    cohort), its metrics and the explanations' table."""
+
+    out: Path
+    run_cfg: DictConfig
+    metrics: dict
+    split: str
+
+
 def evaluate(cfg: DictConfig) -> float | None:
-    """Evaluate one run; returns the split's macro AUROC."""
+    """Evaluate one run; returns the split's macro AUROC (None without labelled slides)."""
+    return run_evaluation(cfg).metrics.get(f"{eval_split(cfg)}/auroc")
+
+
+def run_evaluation(cfg: DictConfig) -> Evaluation:
+    """Evaluate one run (see the module's docstring); unlabelled slides of a new cohort are
+    predicted and enter no metric."""
     run_dir = require_run_dir(cfg.get("run_dir"), cfg.get("ckpt_path"))
     ckpt = cfg.get("ckpt_path") or best_checkpoint(run_dir)
     state = load_checkpoint(ckpt)["state_dict"]  # as data only, before any work: a file that would run code is refused
@@ -58,8 +76,11 @@ def evaluate(cfg: DictConfig) -> float | None:
     with open_dict(rcfg):
         rcfg.paths.output_dir = str(out)
         rcfg.auto_pretrain = False
+        if external and cfg.get("missing_slides"):  # unreadable new slides: listed and left out, the rest scored
+            rcfg.data.missing_slides = str(cfg.missing_slides)
     if external:  # before any slide work: the new cohort must be new to the model
-        not_seen_in_training(run_dir, ran_cohort, rcfg.cohort, resolve_cohort(rcfg.cohort, int(rcfg.get("num_workers", 1))))
+        not_seen_in_training(run_dir, ran_cohort, rcfg.cohort, resolve_cohort(rcfg.cohort, int(rcfg.get("num_workers", 1)),
+                                                                                   allow_unlabelled=True))
     pl.seed_everything(int(rcfg.seed), workers=True)
     inputs = inputs_for(rcfg)
     dm = inputs.datamodule(out)
@@ -87,10 +108,18 @@ def evaluate(cfg: DictConfig) -> float | None:
     classes = [str(c) for c in rcfg.labels.classes]
     write_predictions(module.test_outputs, dm.datasets[ds].records, list(rcfg.labels.classes), rcfg.fold,
                       out / "predictions.csv")
-    preds = pd.read_csv(out / "predictions.csv").merge(
+    preds = pd.read_csv(out / "predictions.csv", dtype={"slide_id": str, "label": str}, keep_default_na=False).merge(
         pd.read_csv(out / "splits.csv", dtype={"slide_id": str, "patient_id": str})[["slide_id", "patient_id"]], on="slide_id")
-    ci = _figures_and_intervals(cfg, preds, classes, metrics, out,
-                                title=f"{split}: {run_dir.name}" + (f" on {rcfg.cohort.name}" if external else ""))
+    labelled = preds[preds.label_index >= 0]
+    if len(labelled) < len(preds):
+        metrics[f"{split}/slides_unlabelled"] = len(preds) - len(labelled)
+        log.info("%d of %d slide(s) have no HER2 score: predicted, in no metric", len(preds) - len(labelled), len(preds))
+    if len(labelled):
+        ci = figures_and_intervals(cfg, labelled, classes, metrics, out,
+                                   title=f"{split}: {run_dir.name}" + (f" on {rcfg.cohort.name}" if external else ""))
+    else:
+        ci = pd.DataFrame(columns=["metric", "value", "lo", "hi", "n_boot"])
+        metrics.pop(f"{split}/confusion_matrix", None)
     write_json(out / "metrics.json", metrics)  # before the explanations: their failure loses nothing
     shown = explain_tested(inputs, module, dm.datasets[ds], rcfg, out, cfg.get("heatmaps"))
     if shown.metrics:
@@ -101,10 +130,10 @@ def evaluate(cfg: DictConfig) -> float | None:
     for r in ci.itertuples():
         log.info("%s %s = %.3f [%.3f, %.3f]", split, r.metric, r.value, r.lo, r.hi)
     log.info("evaluation folder: %s", out)
-    return metrics.get(f"{split}/auroc")
+    return Evaluation(out=out, run_cfg=rcfg, metrics=metrics, split=split)
 
 
-def _figures_and_intervals(cfg: DictConfig, preds: pd.DataFrame, classes: list[str], metrics: dict, out: Path,
+def figures_and_intervals(cfg: DictConfig, preds: pd.DataFrame, classes: list[str], metrics: dict, out: Path,
                            title: str) -> pd.DataFrame:
     """Calibration (ECE into ``metrics``), ROC/PR curves, confusion matrix, and the patient-bootstrap
     intervals (``metrics_ci.csv``, returned)."""
