@@ -9,6 +9,10 @@ slides are unlabelled (``her2_score == ""``) and never enter a metric.
 Slide ids become file names (tiles, thumbnails, features, heatmaps), so they are held to a safe
 alphabet by :func:`check_slide_id`: nothing derived from a manifest can name a file outside the
 folder it is meant for.
+
+The optional ``her2_ultralow`` column (``yes``/``no``, empty allowed) splits score-0 slides into
+HER2-ultralow and HER2-null; ``yes`` on a slide scored 1+ or more is an error (see
+:func:`_normalise_ultralow`). Unknown values are errors like those of ``ish``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,27 @@ _ISH_ALIASES = {
     "not amplified": "neg",
     "-": "neg",
     "0": "neg",
+}
+#: ``her2_ultralow``: HER2-ultralow (IHC 0 with faint, incomplete membrane staining in ≤ 10 % of
+#: tumour cells) → ``yes``; HER2-null (no staining) → ``no``; empty when not assessed.
+_ULTRALOW_ALIASES = {
+    "": "",
+    "nan": "",
+    "none": "",
+    "na": "",
+    "yes": "yes",
+    "y": "yes",
+    "true": "yes",
+    "1": "yes",
+    "ultralow": "yes",
+    "ultra-low": "yes",
+    "her2-ultralow": "yes",
+    "no": "no",
+    "n": "no",
+    "false": "no",
+    "0": "no",
+    "null": "no",
+    "her2-null": "no",
 }
 
 
@@ -173,6 +198,7 @@ def load_manifest(path: str | os.PathLike, mpp_override: float | None = None,
     scores = {**_SCORE_ALIASES, "": ""} if allow_unlabelled else _SCORE_ALIASES
     df["her2_score"] = _normalise(df, "her2_score", scores, path, f"use one of {', '.join(HER2_SCORES)}")
     df["ish"] = _normalise(df, "ish", _ISH_ALIASES, path, "use pos, neg or leave empty") if "ish" in df.columns else ""
+    df["her2_ultralow"] = _normalise_ultralow(df, path)
     if "mpp" in df.columns:
         mpp = pd.to_numeric(df["mpp"].replace("", None), errors="coerce")
         bad = df.index[(df["mpp"] != "") & ~(mpp > 0)]
@@ -206,6 +232,24 @@ def _normalise(df: pd.DataFrame, col: str, aliases: dict[str, str], path: Path, 
     if len(bad):
         vals = sorted(set(df.loc[bad, col]))
         raise ManifestError(f"{path}: unknown {col} {', '.join(map(repr, vals[:5]))} on line(s) {_lines(bad)}; {fix}")
+    return values
+
+
+def _normalise_ultralow(df: pd.DataFrame, path: Path) -> pd.Series:
+    """The optional ``her2_ultralow`` column as ``yes``/``no``/``""`` (all ``""`` when absent).
+
+    HER2-ultralow is a subcategory of IHC 0: ``yes`` on a slide scored 1+, 2+ or 3+ is an error.
+    Slides with an empty ``her2_score`` (unlabelled) are not checked.
+    """
+    if "her2_ultralow" not in df.columns:
+        return pd.Series("", index=df.index)
+    values = _normalise(df, "her2_ultralow", _ULTRALOW_ALIASES, path, "use yes, no or leave empty")
+    bad = df.index[(values == "yes") & ~df["her2_score"].isin(["0", ""])]
+    if len(bad):
+        raise ManifestError(
+            f"{path}: her2_ultralow=yes on slide(s) {', '.join(df.slide_id[bad][:5])} (line(s) {_lines(bad)}) "
+            "whose her2_score is not 0; HER2-ultralow is a subcategory of IHC 0: fix the score or clear her2_ultralow"
+        )
     return values
 
 

@@ -4,6 +4,9 @@
 - ``her2_3way``: HER2-0 / HER2-low (1+, or 2+ with negative ISH) / HER2-high (3+, or 2+ with
   positive ISH) — the IHC study's 0 / Low / High.
 - ``binary``: {0, 1+} → negative, {2+, 3+} → positive (the study code's binary variant).
+- ``her2_ultralow``: 0-null / ultralow / 1+ / 2+ / 3+ (DESTINY-Breast06): score-0 slides split by
+  the manifest's ``her2_ultralow`` column (``yes``: faint, incomplete membrane staining in ≤ 10 %
+  of tumour cells; ``no``: none). Slides with an empty ``her2_score`` (unlabelled) are -1.
 
 A new scheme is one function: ``@register_label_scheme("name", classes=(...))`` over
 ``encode(manifest) -> pd.Series`` of class indices; ``labels.name=name`` then selects it.
@@ -102,5 +105,30 @@ def _her2_3way(manifest: pd.DataFrame) -> pd.Series:
         raise ManifestError(
             f"labels=her2_3way: 2+ slide(s) {', '.join(missing[:5])} have no ISH result; "
             "add ish=pos/neg to the manifest or drop them"
+        )
+    return idx
+
+
+@register_label_scheme("her2_ultralow", classes=("0-null", "ultralow", "1+", "2+", "3+"))
+def _her2_ultralow(manifest: pd.DataFrame) -> pd.Series:
+    score = manifest["her2_score"]
+    ultralow = manifest.get("her2_ultralow", pd.Series("", index=manifest.index)).fillna("")
+    idx = score.map({"1+": 2, "2+": 3, "3+": 4})
+    zero = score == "0"
+    idx[zero & (ultralow == "no")] = 0
+    idx[zero & (ultralow == "yes")] = 1
+    idx[score.isna() | (score == "")] = -1  # unlabelled: never checked, never an error
+    missing = manifest.slide_id[zero & ~ultralow.isin(["yes", "no"])]
+    if len(missing):
+        raise ManifestError(
+            f"labels=her2_ultralow: score-0 slide(s) {', '.join(missing[:5])} have no her2_ultralow value; "
+            "add her2_ultralow=yes (faint, incomplete membrane staining in ≤ 10 % of tumour cells) "
+            "or no (none) to the manifest, or drop them"
+        )
+    wrong = manifest.slide_id[score.isin(["1+", "2+", "3+"]) & (ultralow == "yes")]
+    if len(wrong):  # load_manifest refuses these; a frame made another way may hold them
+        raise ManifestError(
+            f"labels=her2_ultralow: slide(s) {', '.join(wrong[:5])} have her2_ultralow=yes but a score "
+            "above 0; HER2-ultralow is a subcategory of IHC 0: fix the score or clear her2_ultralow"
         )
     return idx

@@ -13,6 +13,13 @@ Pixels follow the Beer–Lambert stain model: optical densities of hematoxylin, 
 - **IHC**: tumour cells in positive regions carry DAB membrane rings whose intensity and
   completeness follow clinical scoring (1+ faint/incomplete, 2+ weak-moderate complete,
   3+ strong complete); hematoxylin counterstain elsewhere.
+- **HER2-ultralow** (``ultralow_fraction > 0``): that share of the score-0 patients is ultralow:
+  faint, incomplete DAB rings on 3–9 % of the tumour cells (never more than 10 %); the other
+  score-0 slides are HER2-null, with no DAB at all. The manifest then has a ``her2_ultralow``
+  column (``yes``/``no`` on score-0 rows, empty on the others). With ``ultralow_fraction = 0``
+  (the default) nothing changes: no such column, and score-0 slides keep their few faint cells
+  (unlabelled) exactly as before. The label is the case's, so an H&E cohort with the same seed
+  carries it too; H&E pixels do not show it.
 - **H&E**: a subtler cue: in positive regions nuclei are larger and darker and cytoplasm more
   amphophilic; slide-to-slide stain variation is of the same order, so it is learnable, not trivial.
 - **Nuisances**: off-white background with a gradient and dust, a pen mark on the glass, a black
@@ -53,6 +60,10 @@ POSITIVE_SHARE = {"0": 0.0, "1+": 0.40, "2+": 0.60, "3+": 0.85}
 MEMBRANE = {"0": (0.0, 0.0), "1+": (0.22, 0.45), "2+": (0.50, 0.85), "3+": (0.95, 1.0)}
 #: H&E morphological strength per score (0 = no change).
 HNE_STRENGTH = {"0": 0.0, "1+": 0.55, "2+": 0.8, "3+": 1.0}
+#: HER2-ultralow membrane (intensity, completeness): fainter and less complete than 1+.
+ULTRALOW_MEMBRANE = (0.12, 0.3)
+#: Range of the share of tumour cells an ultralow slide stains (drawn per slide; ≤ 10 %).
+ULTRALOW_CELLS = (0.03, 0.09)
 
 
 @dataclass
@@ -74,6 +85,7 @@ class SyntheticConfig:
     nuisances: bool = True
     scores: tuple[str, ...] = field(default=SCORES)
     id_prefix: str = ""  # slide and patient ids start with it (tells cohorts of other seeds apart)
+    ultralow_fraction: float = 0.0  # share of the score-0 patients that are HER2-ultralow (0: off)
 
     def __post_init__(self) -> None:
         if self.stain not in ("hne", "ihc"):
@@ -87,6 +99,8 @@ class SyntheticConfig:
             )
         self.downsamples = tuple(int(d) for d in self.downsamples)
         self.scores = tuple(str(s) for s in self.scores)
+        if not 0.0 <= self.ultralow_fraction <= 1.0:
+            raise ValueError(f"synthetic ultralow_fraction={self.ultralow_fraction} is not within 0..1")
         # The prefix becomes part of file names: hold it to the manifest's rule for slide ids.
         problem = slide_id_problem(f"{self.id_prefix}case000_{self.stain}")
         if problem:
@@ -115,6 +129,13 @@ def cohort_table(cfg: SyntheticConfig) -> pd.DataFrame:
     rng.shuffle(labels)
     # 2+ is split by ISH (about half amplified); other scores carry no ISH result, as in practice.
     ish = np.array(["" if s != "2+" else ("pos" if rng.random() < 0.5 else "neg") for s in labels])
+    # HER2-ultralow: drawn after everything else, so the rest of the table is the same with it off.
+    ultralow = np.full(n_patients, "", dtype=object)
+    if cfg.ultralow_fraction > 0:
+        zero = np.flatnonzero(labels == "0")
+        k = min(len(zero), max(1, round(cfg.ultralow_fraction * len(zero))))
+        ultralow[zero] = "no"
+        ultralow[rng.permutation(zero)[:k]] = "yes"
     rows = []
     case = 0
     for p in range(n_patients):
@@ -126,6 +147,7 @@ def cohort_table(cfg: SyntheticConfig) -> pd.DataFrame:
                     "case": case,
                     "her2_score": labels[p],
                     "ish": ish[p],
+                    "her2_ultralow": ultralow[p],
                 }
             )
             case += 1
@@ -146,6 +168,8 @@ def generate_cohort(
     (out_dir / "slides").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     params = asdict(cfg)
+    if not cfg.ultralow_fraction:  # off: the hash (and cohort.json) of cohorts made before it
+        del params["ultralow_fraction"]
     h = param_hash(params)
     meta_path = out_dir / "cohort.json"
     if meta_path.exists():
@@ -159,7 +183,10 @@ def generate_cohort(
 
     table = cohort_table(cfg)
     todo = [r for r in table.itertuples() if not _case_done(out_dir, r.slide_id)]
-    jobs = [(cfg, r.case, r.slide_id, r.her2_score, r.ish, out_dir) for r in todo]
+    jobs = [
+        (cfg, r.case, r.slide_id, r.her2_score, r.ish, out_dir, _ultralow_arg(cfg, r.her2_ultralow))
+        for r in todo
+    ]
     if jobs:
         with progress_bar(
             f"generating {len(jobs)} synthetic {cfg.stain} slides", len(jobs)
@@ -173,9 +200,12 @@ def generate_cohort(
                     _write_case_job(job)
                     advance()
 
+    columns = ["slide_id", "patient_id", "path", "her2_score", "ish", "stain"]
+    if cfg.ultralow_fraction > 0:
+        columns.insert(5, "her2_ultralow")
     manifest = table.drop(columns=["case"]).assign(
         path=[f"slides/{s}.tiff" for s in table.slide_id], stain=cfg.stain
-    )[["slide_id", "patient_id", "path", "her2_score", "ish", "stain"]]
+    )[columns]
     manifest_path = out_dir / "manifest.csv"
     with atomic_path(manifest_path) as tmp:
         manifest.to_csv(tmp, index=False)
@@ -192,20 +222,32 @@ def _case_done(out_dir: Path, slide_id: str) -> bool:
     return all(f.exists() for f in files)
 
 
+def _ultralow_arg(cfg: SyntheticConfig, value: str) -> bool | None:
+    """``render_slide``'s ``ultralow``: None with the option off (score 0 as it always was)."""
+    return None if cfg.ultralow_fraction <= 0 or value == "" else value == "yes"
+
+
 def _write_case_job(job: tuple) -> None:
-    cfg, case, slide_id, score, ish, out_dir = job
-    write_case(cfg, case, slide_id, score, ish, Path(out_dir))
+    cfg, case, slide_id, score, ish, out_dir, ultralow = job
+    write_case(cfg, case, slide_id, score, ish, Path(out_dir), ultralow)
 
 
 def write_case(
-    cfg: SyntheticConfig, case: int, slide_id: str, score: str, ish: str, out_dir: Path
+    cfg: SyntheticConfig,
+    case: int,
+    slide_id: str,
+    score: str,
+    ish: str,
+    out_dir: Path,
+    ultralow: bool | None = None,
 ) -> Path:
     """Render one slide and write it (atomically) with its ground-truth masks.
 
     The masks are written first and the slide last: the slide's TIFF marks the case as done.
+    ``ultralow`` is :func:`render_slide`'s.
     """
     geom = case_geometry(cfg, case, score)
-    rgb = render_slide(cfg, case, geom, score, ish)  # also makes geom agree with the pixels
+    rgb = render_slide(cfg, case, geom, score, ish, ultralow)  # also makes geom agree with the pixels
     mask_w = round(cfg.width_px * cfg.mpp / cfg.mask_mpp)
     mask_h = round(cfg.height_px * cfg.mpp / cfg.mask_mpp)
     for name in MASK_NAMES:
@@ -369,9 +411,21 @@ def _upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # Rendering
 # --------------------------------------------------------------------------------------------
 def render_slide(
-    cfg: SyntheticConfig, case: int, geom: CaseGeometry, score: str, ish: str
+    cfg: SyntheticConfig,
+    case: int,
+    geom: CaseGeometry,
+    score: str,
+    ish: str,
+    ultralow: bool | None = None,
 ) -> np.ndarray:
-    """Paint the level-0 RGB image (H, W, 3) uint8 of one case in ``cfg.stain``."""
+    """Paint the level-0 RGB image (H, W, 3) uint8 of one case in ``cfg.stain``.
+
+    ``ultralow`` matters for IHC score-0 slides only: ``True`` paints HER2-ultralow (faint,
+    incomplete rings on a share of :data:`ULTRALOW_CELLS` of the tumour cells), ``False``
+    HER2-null (no DAB), ``None`` score 0 as before the option (a few faint cells). Every other
+    pixel is the same in the three. ``geom.extras`` gets ``tumour_cells`` and ``membrane_cells``
+    (tumour cells painted with any DAB membrane): the truth of the stained share.
+    """
     rng = np.random.default_rng([cfg.seed, case, 1 if cfg.stain == "hne" else 2])
     cell_rng = np.random.default_rng([cfg.seed, case, 3])  # cell layout shared across stains
     W, H = cfg.width_px, cfg.height_px
@@ -429,6 +483,13 @@ def render_slide(
     cell_r = spacing * 0.48
     start = rng.uniform(0, 360, n)
     jitter = rng.uniform(0.75, 1.25, n)
+    # Ultralow cells from their own stream: the others' draws stay those of the option off.
+    ultra = np.zeros(n, bool)
+    if not hne and score == "0" and ultralow:
+        ul_rng = np.random.default_rng([cfg.seed, case, 4])
+        share = ul_rng.uniform(*ULTRALOW_CELLS)
+        ultra[ul_rng.choice(n, size=min(n, max(1, int(share * n))), replace=False)] = True
+    membrane_cells = 0
     for i in range(n):
         c = (int(cx[i]), int(cy[i]))
         if hne:
@@ -441,9 +502,13 @@ def render_slide(
             arc = completeness
             if not pos[i] and score != "0" and rng.random() < 0.05:  # sporadic faint cells
                 membrane, arc = 0.12 * cfg.signal, 0.4
-            if score == "0" and rng.random() < 0.04:
+            if score == "0" and rng.random() < 0.04 and ultralow is None:
                 membrane, arc = 0.08 * cfg.signal, 0.3
+            if ultra[i]:
+                membrane = ULTRALOW_MEMBRANE[0] * jitter[i] * cfg.signal
+                arc = ULTRALOW_MEMBRANE[1]
             if membrane > 0:
+                membrane_cells += 1
                 cv2.ellipse(
                     od_d,
                     c,
@@ -465,6 +530,7 @@ def render_slide(
             float(nuc_od[i]),
             -1,
         )
+    geom.extras["tumour_cells"], geom.extras["membrane_cells"] = int(n), membrane_cells
     # Stromal nuclei: sparse, elongated, along the fibres.
     stroma = tissue & ~tumour
     m = int(stroma.sum() / (22 / cfg.mpp) ** 2)

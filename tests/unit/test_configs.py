@@ -41,7 +41,7 @@ def test_every_option_composes(group, option):
 
 
 @pytest.mark.parametrize("model", ["abmil", "meanpool", "maxpool"])
-@pytest.mark.parametrize("labels", ["her2_4way", "her2_3way", "binary"])
+@pytest.mark.parametrize("labels", ["her2_4way", "her2_3way", "binary", "her2_ultralow"])
 @pytest.mark.parametrize("ordinal", [False, True])
 def test_mil_models_instantiate_and_run(model, labels, ordinal):
     cfg = _compose("train", [f"model={model}", f"labels={labels}", f"model.net.ordinal={ordinal}"])
@@ -54,6 +54,28 @@ def test_mil_models_instantiate_and_run(model, labels, ordinal):
     probs = module.probs(logits)
     assert probs.shape == (2, k) and torch.allclose(probs.sum(1), torch.ones(2))
     assert module.ordinal == ordinal
+
+
+@pytest.mark.parametrize("labels", _options("labels"))
+def test_every_label_scheme_names_clinical_categories_and_referrals(labels):
+    from her2lab.data.labels import label_scheme
+
+    cfg = _compose("train", [f"labels={labels}"])
+    classes = [str(c) for c in cfg.labels.classes]
+    assert classes == list(label_scheme(cfg.labels.name).classes) and cfg.labels.num_classes == len(classes)
+    assert [str(k) for k in cfg.labels.clinical] == classes  # every class, in order, has a category
+    assert all(str(v).startswith("HER2-") for v in cfg.labels.clinical.values())
+    assert set(cfg.labels.refer_always) <= set(classes)
+    assert cfg.model.num_classes == len(classes) and list(cfg.model.class_names) == classes
+
+
+def test_the_ultralow_scheme_composes():
+    cfg = _compose("train", ["labels=her2_ultralow", "cohort=demo_ihc_ultralow"])
+    assert cfg.labels.name == "her2_ultralow" and cfg.model.net.num_classes == 5
+    assert dict(cfg.labels.clinical) == {"0-null": "HER2-null", "ultralow": "HER2-ultralow", "1+": "HER2-low",
+                                         "2+": "HER2-equivocal", "3+": "HER2-positive"}
+    assert list(cfg.labels.refer_always) == ["2+"] == list(_compose("train", []).labels.refer_always)
+    assert list(_compose("train", ["labels=her2_3way"]).labels.refer_always) == []
 
 
 @pytest.mark.parametrize("exp", ["paper_a_hne", "paper_a_ihc", "paper_a_imagenet"])
@@ -119,7 +141,9 @@ def test_tiling_min_tissue_is_the_one_source_for_patch_data():
     assert _compose("train", ["data=patches"]).data.min_tissue == 0.5
 
 
-@pytest.mark.parametrize("cohort", ["demo", "demo_ihc", "demo_external", "pretrain_hne", "pretrain_ihc"])
+@pytest.mark.parametrize(
+    "cohort", ["demo", "demo_ihc", "demo_ihc_ultralow", "demo_external", "pretrain_hne", "pretrain_ihc"]
+)
 def test_synthetic_cohorts_live_under_their_own_name(cohort):
     cfg = _compose("prepare", [f"cohort={cohort}", "paths.data_dir=/d"])
     assert cfg.cohort.name == cohort and cfg.cohort.root == f"/d/{cohort}" == cfg.cohort.cache_dir

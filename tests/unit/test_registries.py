@@ -130,5 +130,5 @@ def test_a_registered_label_scheme_encodes_a_manifest(zero_vs_rest):
 
 
 def test_an_unknown_label_scheme_lists_the_registered_ones():
-    with pytest.raises(ManifestError, match=r"labels.name='nope': use one of binary, her2_3way, her2_4way$"):
+    with pytest.raises(ManifestError, match=r"labels.name='nope': use one of binary, her2_3way, her2_4way, her2_ultralow$"):
         label_scheme("nope")

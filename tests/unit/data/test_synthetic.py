@@ -147,3 +147,96 @@ def test_a_failed_mask_write_leaves_the_slide_to_be_made_again(tmp_path, monkeyp
     masks = {n: cv2.imread(str(tmp_path / "masks" / f"{sid}_{n}.png"), cv2.IMREAD_GRAYSCALE) for n in ("tissue", "tumour")}
     assert (tmp_path / "slides" / f"{sid}.tiff").exists()
     assert masks["tumour"].shape == masks["tissue"].shape and 0 < (masks["tumour"] > 0).sum() < (masks["tissue"] > 0).sum()
+
+
+# --- HER2-ultralow -------------------------------------------------------------------------------
+def _stained_cells(rgb: np.ndarray, tumour: np.ndarray, spacing_px: float) -> tuple[int, float]:
+    """Measured on the image: DAB rings in the tumour (connected DAB-stained spots) and the number
+    of tumour cells the tumour area holds (cells sit on a hexagonal grid ``spacing_px`` apart)."""
+    stained = (_dab_od(rgb) > 0.03) & tumour
+    n, _ = cv2.connectedComponents(stained.astype(np.uint8))
+    return n - 1, tumour.sum() / (spacing_px**2 * 0.866)
+
+
+def test_ultralow_slides_stain_a_few_cells_faintly_and_null_slides_none():
+    cfg = SyntheticConfig(stain="ihc", nuisances=False, seed=5, **TINY)
+    for case in (0, 1):
+        g_null, g_ul = case_geometry(cfg, case, "0"), case_geometry(cfg, case, "0")
+        null = render_slide(cfg, case, g_null, "0", "", ultralow=False)
+        ul = render_slide(cfg, case, g_ul, "0", "", ultralow=True)
+        # Ground truth of the generator: the share of tumour cells with any membrane stain.
+        n_cells = g_ul.extras["tumour_cells"]
+        assert n_cells > 100 and g_null.extras["membrane_cells"] == 0
+        assert 0 < g_ul.extras["membrane_cells"] / n_cells <= 0.10
+        # Measured on the image: null slides have no DAB in the tumour; ultralow ones a few rings.
+        rings, cells = _stained_cells(ul, g_ul.tumour, 11.0 / cfg.mpp)
+        assert _stained_cells(null, g_null.tumour, 11.0 / cfg.mpp)[0] == 0
+        assert 0 < rings / cells <= 0.10 and abs(cells - n_cells) < 0.1 * n_cells
+        # Only the rings differ: everything else is painted from the same draws.
+        differ = (null != ul).any(-1)
+        near_tumour = cv2.dilate(g_ul.tumour.astype(np.uint8), np.ones((23, 23), np.uint8)) > 0  # a cell's reach
+        assert 0 < differ.mean() < 0.02 and not differ[~near_tumour].any()
+        # Fainter than 1+.
+        g1 = case_geometry(cfg, case, "1+")
+        one = _dab_od(render_slide(cfg, case, g1, "1+", ""))
+        dab_ul = _dab_od(ul)
+        assert np.median(dab_ul[(dab_ul > 0.03) & g_ul.tumour]) < np.median(one[(one > 0.03) & g1.positive])
+
+
+def test_ultralow_table_marks_a_share_of_the_score_0_patients():
+    off = cohort_table(SyntheticConfig(n_slides=40, n_pairs=6))
+    on = cohort_table(SyntheticConfig(n_slides=40, n_pairs=6, ultralow_fraction=0.5))
+    assert (off.her2_ultralow == "").all()
+    assert on.drop(columns="her2_ultralow").equals(off.drop(columns="her2_ultralow"))  # nothing else moves
+    zero = on[on.her2_score == "0"]
+    assert set(zero.her2_ultralow) == {"yes", "no"} and (on.her2_ultralow[on.her2_score != "0"] == "").all()
+    per_patient = zero.groupby("patient_id").her2_ultralow
+    assert (per_patient.nunique() == 1).all()  # a patient's slides share it
+    n_zero, n_yes = per_patient.first().size, (per_patient.first() == "yes").sum()
+    assert n_yes == round(0.5 * n_zero)
+    assert cohort_table(SyntheticConfig(n_slides=40, n_pairs=6, ultralow_fraction=0.5)).equals(on)  # seeded
+    with pytest.raises(ValueError, match="ultralow_fraction=1.5 is not within 0..1"):
+        SyntheticConfig(ultralow_fraction=1.5)
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in _files(root)}
+
+
+def test_ultralow_off_leaves_the_cohort_byte_for_byte_the_same(tmp_path):
+    manifest, _ = _tiny_cohort(tmp_path / "absent", n=3, stain="ihc")
+    _tiny_cohort(tmp_path / "zero", n=3, stain="ihc", ultralow_fraction=0.0)
+    assert "0" in set(pd.read_csv(manifest, dtype=str).her2_score)  # a score-0 slide is compared too
+    assert _hashes(tmp_path / "absent") == _hashes(tmp_path / "zero")
+    assert list(pd.read_csv(manifest).columns) == ["slide_id", "patient_id", "path", "her2_score", "ish", "stain"]
+    # cohort.json (hence the parameter hash) has no new key: cohorts made before are kept as they are.
+    assert "ultralow_fraction" not in (tmp_path / "absent" / "cohort.json").read_text()
+
+
+def test_an_ultralow_cohort_is_labelled_by_the_scheme_and_seeded(tmp_path):
+    from her2lab.data.cohort import load_manifest
+    from her2lab.data.labels import label_scheme
+
+    kw = {"stain": "ihc", "scores": ("0", "1+"), "ultralow_fraction": 0.5}
+    manifest, _ = _tiny_cohort(tmp_path / "a", n=4, **kw)
+    _tiny_cohort(tmp_path / "b", n=4, **kw)
+    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+    raw = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    assert list(raw.columns) == ["slide_id", "patient_id", "path", "her2_score", "ish", "her2_ultralow", "stain"]
+    assert list(zip(raw.her2_score, raw.her2_ultralow, strict=True)).count(("1+", "")) == 2
+    y = label_scheme("her2_ultralow").encode(load_manifest(manifest))
+    assert sorted(y) == [0, 1, 2, 2]
+
+
+def test_the_demo_ultralow_cohort_has_five_balanced_classes():
+    from omegaconf import OmegaConf
+
+    from tests.helpers import compose_config
+
+    cohort = compose_config("prepare", ["cohort=demo_ihc_ultralow", "paths.data_dir=/d"]).cohort
+    cfg = SyntheticConfig(**OmegaConf.to_container(cohort.synthetic, resolve=True))
+    t = cohort_table(cfg)
+    assert cfg.stain == "ihc" and t.slide_id.str.startswith("ul_").all() and t.patient_id.str.startswith("ul_").all()
+    assert pd.Series(list(zip(t.her2_score, t.her2_ultralow, strict=True))).value_counts().tolist() == [8] * 5
