@@ -5,14 +5,17 @@ parameters::
 
     tiles/0.5mpp_224px_0px_overlap/{slide}.h5   coords, tissue fraction, tissue mask, attributes
     thumbs/8mpp/{slide}.png                      thumbnail at a fixed µm/px
-    qc/0.5mpp_224px_0px_overlap/{slide}.png      thumbnail + tissue contour + kept tiles
+    qc/0.5mpp_224px_0px_overlap/{slide}.png      thumbnail + tissue contour + kept tiles (+ ROI)
+    outlines/0.5mpp_224px_0px_overlap/{slide}.geojson  tissue outline for QuPath (level-0 px)
     prepare_report.csv, failures.csv             one row per slide / per failed slide
 
 Every write is atomic; a slide whose outputs exist with the same parameters is skipped, so a
 killed run loses at most the slides in flight, and its pool workers end with it. A bad slide is
 reported and the rest finish; a full disk stops the run with one line (the slides already written
 stay, and a re-run resumes). A slide coarser than ``tissue.seg_mpp`` is segmented at its own
-resolution, never upsampled; the tiles file's ``mask_mpp`` says which.
+resolution, never upsampled; the tiles file's ``mask_mpp`` says which. With ``cohort.roi_dir``, a
+slide with a QuPath export ``{roi_dir}/{slide}.geojson`` keeps only the tiles whose centre lies
+inside its polygons; the file's hash is one of the tiles file's parameters.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from her2lab.io import SPACE_FIX, atomic_path, ensure_writable_dir, write_error
 from her2lab.pool import worker_pool
 from her2lab.progress import progress_bar
 from her2lab.slides.reader import Slide
+from her2lab.slides.roi import Roi, file_digest, read_roi, tissue_polygons, write_outline
 from her2lab.slides.thumbnails import qc_image, resize_to_mpp, save_png
 from her2lab.slides.tiles_file import check_stale, is_current, write_tiles_h5
 from her2lab.slides.tiling import TilingParams, tile_geometry, tile_grid
@@ -49,6 +53,7 @@ class PrepareSettings:
     thumb_mpp: float = 8.0
     qc: bool = True
     overwrite: bool = False
+    roi_dir: Path | None = None  # QuPath GeoJSON exports, {slide_id}.geojson (optional per slide)
 
     def tiles_path(self, slide_id: str) -> Path:
         return self.cache_dir / "tiles" / self.tiling.name / f"{slide_id}.h5"
@@ -59,9 +64,31 @@ class PrepareSettings:
     def qc_path(self, slide_id: str) -> Path:
         return self.cache_dir / "qc" / self.tiling.name / f"{slide_id}.png"
 
-    def params(self) -> dict:
-        """The parameters a tiles file depends on (its hash sits in the file's attributes)."""
-        return {"tiling": self.tiling.to_dict(), "tissue": self.tissue.to_dict()}
+    def outline_path(self, slide_id: str) -> Path:
+        """The tissue outline; beside the tiles of the same name, made with the same tissue params."""
+        return self.cache_dir / "outlines" / self.tiling.name / f"{slide_id}.geojson"
+
+    def roi_path(self, slide_id: str) -> Path | None:
+        """The slide's ROI file, or None (no ``roi_dir``, or no file for this slide)."""
+        if self.roi_dir is None:
+            return None
+        path = self.roi_dir / f"{slide_id}.geojson"
+        return path if path.is_file() else None
+
+    def params(self, roi_digest: str | None = None) -> dict:
+        """The parameters a tiles file depends on (its hash sits in the file's attributes): the
+        tiling and tissue settings the cohort shares, and the slide's ROI file hash if it has one."""
+        params = {"tiling": self.tiling.to_dict(), "tissue": self.tissue.to_dict()}
+        return {**params, "roi": {"sha1": roi_digest}} if roi_digest else params
+
+    def slide_params(self, slide_id: str) -> dict:
+        """:meth:`params` of one slide (hashing its ROI file, if any).
+
+        Raises:
+            SlideError: the ROI file cannot be read.
+        """
+        roi = self.roi_path(slide_id)
+        return self.params(file_digest(roi) if roi is not None else None)
 
     @classmethod
     def from_config(cls, cfg, tiling: TilingParams | None = None) -> PrepareSettings:
@@ -73,6 +100,7 @@ class PrepareSettings:
             thumb_mpp=float(cfg.prepare.thumb_mpp),
             qc=bool(cfg.prepare.qc),
             overwrite=bool(cfg.prepare.overwrite),
+            roi_dir=Path(roi).expanduser() if (roi := cfg.cohort.get("roi_dir")) else None,  # older configs lack it
         )
 
 
@@ -82,13 +110,20 @@ def tiling_params(node) -> TilingParams:
 
 
 def is_done(settings: PrepareSettings, slide_id: str, mpp: float | None = None) -> bool:
-    """The slide's outputs exist and its tiles file is current (see :func:`is_current`)."""
+    """The slide's outputs exist and its tiles file is current (see :func:`is_current`): made
+    with the same parameters, inside the same ROI file (or without one, if it has none)."""
     path = settings.tiles_path(slide_id)
     if settings.overwrite or not path.exists() or not settings.thumb_path(slide_id).exists():
         return False
+    if not settings.outline_path(slide_id).exists():
+        return False  # a cache from before outlines: re-prepared (same tiles, same hash)
     if settings.qc and not settings.qc_path(slide_id).exists():
         return False
-    return is_current(path, settings.params(), mpp)
+    try:
+        params = settings.slide_params(slide_id)
+    except SlideError:
+        return False  # prepare_slide reports it
+    return is_current(path, params, mpp)
 
 
 def _write(path: Path, write) -> None:
@@ -107,6 +142,9 @@ def prepare_slide(slide_id: str, path: str, mpp: float | None, settings: Prepare
         OutputError: an output could not be written (nothing half-written is left).
     """
     t0 = time.perf_counter()
+    roi_file = settings.roi_path(slide_id)
+    roi = read_roi(roi_file) if roi_file is not None else None
+    params = settings.params(roi.digest if roi else None)
     with Slide(path, mpp_override=mpp, slide_id=slide_id) as slide:
         if settings.thumb_mpp < slide.level0_mpp * 0.999:
             raise SlideError(
@@ -133,9 +171,14 @@ def prepare_slide(slide_id: str, path: str, mpp: float | None, settings: Prepare
                 f"{settings.tiling.target_mpp:g} µm/px has ≥{settings.tiling.min_tissue:g} tissue; "
                 "lower tiling.min_tissue or tiling.patch_px"
             )
+        if roi is not None:
+            coords, frac = _inside_roi(roi, coords, frac, geom.patch_px_level0, slide)
         tiles_path = settings.tiles_path(slide_id)
-        _write(tiles_path, lambda: write_tiles_h5(tiles_path, slide, settings.tiling, settings.params(), geom,
+        _write(tiles_path, lambda: write_tiles_h5(tiles_path, slide, settings.tiling, params, geom,
                                                   coords, frac, mask, seg_mpp))
+        outline = tissue_polygons(mask, seg_mpp / slide.level0_mpp)
+        outline_path = settings.outline_path(slide_id)
+        _write(outline_path, lambda: _atomic(outline_path, lambda tmp: write_outline(tmp, outline)))
         thumb = (
             resize_to_mpp(seg_img, seg_mpp, settings.thumb_mpp)
             if settings.thumb_mpp >= seg_mpp
@@ -146,6 +189,7 @@ def prepare_slide(slide_id: str, path: str, mpp: float | None, settings: Prepare
             title = (
                 f"{slide_id}  {len(coords)} tiles {settings.tiling.name}  "
                 f"{slide.level0_mpp:.3g} um/px ({slide.mpp.source})"
+                + (f"  inside {roi.path.name}" if roi else "")
             )
             qc = qc_image(
                 thumb,
@@ -155,6 +199,7 @@ def prepare_slide(slide_id: str, path: str, mpp: float | None, settings: Prepare
                 geom.patch_px_level0,
                 slide.level0_mpp,
                 title,
+                roi=roi.area if roi else None,
             )
             _write(settings.qc_path(slide_id), lambda: save_png(settings.qc_path(slide_id), qc))
         return {
@@ -164,9 +209,35 @@ def prepare_slide(slide_id: str, path: str, mpp: float | None, settings: Prepare
             "tissue_mm2": round(float(mask.sum()) * seg_mpp**2 / 1e6, 4),
             "level0_mpp": slide.level0_mpp,
             "mpp_source": slide.mpp.source,
+            "roi": roi.path.name if roi else "",
             "seconds": round(time.perf_counter() - t0, 3),
             "error": "",
         }
+
+
+def _inside_roi(roi: Roi, coords, frac, patch_px_level0: int, slide: Slide):
+    """The tiles (and their tissue fractions) whose centre lies inside ``roi``.
+
+    Raises:
+        SlideError: none does.
+    """
+    keep = roi.contains_tiles(coords, patch_px_level0)
+    if not keep.any():
+        x0, y0, x1, y1 = roi.area.bounds
+        w, h = slide.dimensions
+        raise SlideError(
+            f"{slide.path}: no tiles inside ROI {roi.path} (its polygons span x {x0:.0f}–{x1:.0f}, "
+            f"y {y0:.0f}–{y1:.0f} px; the slide is {w}×{h} px, {len(coords)} tissue tiles); draw the ROI "
+            "over tissue, export it in full-resolution pixel coordinates, or remove the file"
+        )
+    log.info("%s: %d of %d tissue tiles inside ROI %s", slide.slide_id, keep.sum(), len(keep), roi.path.name)
+    return coords[keep], frac[keep]
+
+
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file renamed onto ``path`` when it succeeds."""
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def _prepare_job(args: tuple) -> dict:
@@ -203,11 +274,23 @@ def prepare_cohort(
     (a suffix keeps concurrent shards from overwriting each other's reports).
 
     Raises:
-        StaleCacheError: outputs exist with other parameters.
+        StaleCacheError: outputs exist with other tiling or tissue parameters (a slide whose ROI
+            file changed is simply prepared again).
+        Her2labError: ``settings.roi_dir`` is not a folder.
         OutputError: the cache folder is not writable, or fills up: slides in flight finish,
             the others are left ``not run``, the reports are written if they can be.
     """
     ensure_writable_dir(settings.cache_dir, "cohort cache folder")
+    if settings.roi_dir is not None:
+        if not settings.roi_dir.is_dir():
+            raise Her2labError(
+                f"cohort.roi_dir={settings.roi_dir}: no such folder; point it at the QuPath GeoJSON "
+                "exports ({slide_id}.geojson) or set cohort.roi_dir=null"
+            )
+        n = sum(settings.roi_path(sid) is not None for sid in manifest["slide_id"])
+        (log.warning if n == 0 else log.info)(
+            "%d of %d slides have a ROI file (%s/{slide_id}.geojson); the others are tiled whole",
+            n, len(manifest), settings.roi_dir)
     if not settings.overwrite:
         for sid in manifest["slide_id"]:
             check_stale(settings.tiles_path(sid), settings.params())

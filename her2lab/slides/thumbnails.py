@@ -11,6 +11,7 @@ from her2lab.io import atomic_path
 from her2lab.slides.tissue import tissue_contours
 
 QC_MIN_LONG_SIDE = 1200  # QC pictures are upscaled to at least this, so tile outlines are visible
+QC_ROI_RGB = (255, 140, 0)  # the ROI outline: orange, apart from the green tissue and blue tiles
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> None:
@@ -48,8 +49,10 @@ def qc_image(
     patch_px_level0: int,
     level0_mpp: float,
     title: str,
+    roi=None,
 ) -> np.ndarray:
-    """Thumbnail with the tissue contour (green), kept tiles (blue outlines) and a caption."""
+    """Thumbnail with the tissue contour (green), kept tiles (blue outlines), the region of
+    interest (orange; ``roi`` a shapely polygon or multipolygon in level-0 px) and a caption."""
     h, w = thumb.shape[:2]
     up = max(1.0, QC_MIN_LONG_SIDE / max(h, w))
     img = (
@@ -75,6 +78,10 @@ def qc_image(
             )
         img = cv2.addWeighted(overlay, 0.55, img, 0.45, 0)
     cv2.drawContours(img, tissue_contours(m), -1, (0, 170, 0), max(1, round(H / 600)))
+    if roi is not None:
+        rings = [r for p in getattr(roi, "geoms", [roi]) for r in (p.exterior, *p.interiors)]
+        pts = [np.round(np.asarray(r.coords) * s).astype(np.int32) for r in rings]
+        cv2.polylines(img, pts, True, QC_ROI_RGB, max(2, round(H / 400)), cv2.LINE_AA)
     bar = np.full((max(22, H // 30), W, 3), 255, np.uint8)
     scale = bar.shape[0] / 40
     cv2.putText(

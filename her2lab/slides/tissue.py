@@ -117,6 +117,12 @@ def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
 
 
 def tissue_contours(mask: np.ndarray) -> list[np.ndarray]:
-    """Outer and hole contours of a mask, as OpenCV point arrays (for QC drawings and GeoJSON)."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    return list(contours)
+    """Outer and hole contours of a mask, as OpenCV point arrays (for QC drawings)."""
+    return tissue_contour_tree(mask)[0]
+
+
+def tissue_contour_tree(mask: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """:func:`tissue_contours` and their two-level hierarchy (n, 4): next, previous, first hole,
+    parent (``-1`` for a component's outer contour; a hole's parent is its component's)."""
+    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    return list(contours), (hierarchy[0] if hierarchy is not None else np.zeros((0, 4), np.int32))
