@@ -108,7 +108,7 @@ def test_failed_and_unfinished_jobs_are_named_and_left_out(sweep, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "job 1 left out of the ensemble: RuntimeError: out of memory" in res.stdout + res.stderr
     preds = pd.read_csv(tmp_path / "scored" / "predictions.csv")
-    assert (preds.n_models == 1).all()
+    assert (preds.n_models == 1).all() and preds.spread.isna().all()
     assert json.loads((tmp_path / "scored" / "metrics.json").read_text())["left_out"] == {"1": "RuntimeError: out of memory"}
     (copy / "0" / "metrics.json").unlink()  # unfinished
     res = _eval(tmp, f"run_dir={copy}", f"slides={tmp / 'to_score'}", out=tmp_path / "none")

@@ -32,7 +32,19 @@ def _eval_on_new_ihc_cohort(run: Path, tmp: Path, data: Path) -> pd.DataFrame:
     res = run_task("eval.py", f"run_dir={run}", "cohort=demo_external", "cohort.stain=ihc", "cohort.synthetic.n_slides=4",
                    "n_boot=20", f"hydra.run.dir={tmp / 'ext'}", cwd=tmp, data_dir=data, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    return pd.read_csv(tmp / "ext" / "predictions.csv")
+    labelled = pd.read_csv(tmp / "ext" / "predictions.csv")
+    # the same slides as a folder, no labels: scored alike, with sets, referral and report pages
+    res = run_task("eval.py", f"run_dir={run}", f"slides={data / 'demo_external' / 'slides'}", "stain=ihc",
+                   f"hydra.run.dir={tmp / 'unlabelled'}", cwd=tmp, data_dir=data, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    scored = pd.read_csv(tmp / "unlabelled" / "predictions.csv", keep_default_na=False).set_index("slide_id")
+    assert (scored.label == "").all() and {"set", "refer", "refer_reason"} <= set(scored.columns)
+    probs = [c for c in labelled.columns if c.startswith("p_")]
+    assert scored.loc[labelled.slide_id, probs].to_numpy() == pytest.approx(labelled[probs].to_numpy(), abs=1e-5)
+    for sid in labelled.slide_id:
+        page = (tmp / "unlabelled" / "reports" / f"{sid}.html").read_text()
+        assert "data:image/png;base64," in page
+    return labelled
 
 
 SMALL_IHC = ["cohort=demo_ihc", "labels=her2_3way", "cohort.synthetic.n_slides=12", "cohort.synthetic.n_pairs=0", "data.n_folds=3"]
