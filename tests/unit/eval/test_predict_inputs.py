@@ -45,6 +45,7 @@ def test_bad_slide_folders_are_one_line_errors(tmp_path):
 def test_slide_ids_and_cache_names_are_safe(tmp_path):
     assert safe_slide_id("../../etc/passwd") == "_._.._etc_passwd"  # no separator, no leading dot
     assert slides_cohort_name(str(tmp_path)) != slides_cohort_name(str(tmp_path / "x"))
+    (tmp_path / "my folder").mkdir()
     assert eval_dir(str(tmp_path), None, None, None, str(tmp_path / "my folder")).endswith("eval/slides-my_folder")
 
 
