@@ -305,7 +305,8 @@ def add_sets(preds: pd.DataFrame, cal: pd.DataFrame, classes: list[str], labels:
     refer = [referral([c for c, m in zip(classes, row, strict=True) if m], clinical, always) for row in sets]
     preds = preds.assign(set=names, refer=[r for r, _ in refer], refer_reason=[w for _, w in refer], coverage=coverage)
     labelled = preds.label_index.to_numpy(dtype=int)
-    extra = {"conformal_coverage": empirical_coverage(sets, labelled), "conformal_target": coverage,
+    covered = empirical_coverage(sets, labelled)
+    extra = {"conformal_coverage": covered if math.isfinite(covered) else None, "conformal_target": coverage,
              "conformal_threshold": q if math.isfinite(q) else None, "conformal_calibration_slides": len(cal),
              "set_size_mean": float(sets.sum(1).mean()), "refer_rate": float(np.mean([r for r, _ in refer]))}
     if (labelled >= 0).any():
