@@ -8,7 +8,13 @@ import pytest
 
 from her2lab.errors import Her2labError
 from her2lab.eval.run_folder import eval_dir
-from her2lab.run.predict import ensemble, model_runs, safe_slide_id, slides_cohort_name, slides_manifest
+from her2lab.run.predict import (
+    ensemble,
+    model_runs,
+    safe_slide_id,
+    slides_cohort_name,
+    slides_manifest,
+)
 
 
 def test_a_folder_of_slides_becomes_an_unlabelled_manifest(tmp_path):
