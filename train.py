@@ -1,17 +1,9 @@
-"""``python train.py [experiment=…] [overrides]``: train one model; ``-m`` for sweeps."""
+"""``python train.py [experiment=…] [overrides]``: train one model; ``-m`` for sweeps.
 
-import hydra
-from omegaconf import DictConfig
+The same as ``her2lab train …`` (see :mod:`her2lab.cli`).
+"""
 
-from her2lab.errors import one_line_errors
-from her2lab.run.train import train
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-@one_line_errors
-def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
-
+from her2lab.cli import run_task
 
 if __name__ == "__main__":
-    main()
+    run_task("train")

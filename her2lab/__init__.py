@@ -8,5 +8,6 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-#: The Hydra config tree (``conf/`` at the top of the repository).
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: The Hydra config tree. It ships inside the package (so an installed wheel has it); ``conf/`` at
+#: the top of a clone is a link to it, for ``python train.py`` and for reading.
+CONF_DIR = Path(__file__).resolve().parent / "conf"

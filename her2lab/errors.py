@@ -35,8 +35,10 @@ class OutputError(Her2labError):
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a :class:`Her2labError` into ``error: <message>`` on stderr and exit status 1.
 
-    Also when the error was raised inside a constructor that Hydra's ``instantiate`` wrapped.
-    Anything else is a bug and keeps its traceback.
+    Also when the error was raised inside a constructor that Hydra's ``instantiate`` wrapped, and
+    for a mandatory config value left out (``???``), which becomes ``error: cohort.manifest is
+    required …``. Anything else is a bug and keeps its traceback. A single run that fails
+    before writing anything leaves no run folder behind (see :func:`drop_empty_run_dir`).
     """
 
     @functools.wraps(fn)
@@ -44,7 +46,9 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            cause = her2lab_cause(exc)
+            cause = her2lab_cause(exc) or _missing_value(exc)
+            if not _in_multirun():
+                drop_empty_run_dir()
             if cause is None:
                 raise
             print(f"error: {cause}", file=sys.stderr)
@@ -53,6 +57,46 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(1)
 
     return wrapper
+
+
+def _missing_value(exc: BaseException) -> Her2labError | None:
+    """A config value marked ``???`` that the command needs, as a one-line error."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MissingMandatoryValue):
+            key = getattr(exc, "full_key", None) or "a config value"
+            return Her2labError(f"{key} is required: add {key}=<value> to the command")
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def drop_empty_run_dir() -> None:
+    """Remove this Hydra run's folder when it holds nothing but Hydra's own files (``.hydra/``
+    and the log), and the folders above it that this leaves empty (up to the launch folder)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    out = Path(HydraConfig.get().runtime.output_dir)
+    if not out.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in out.iterdir()):
+        return
+    if any(p.is_dir() for p in out.iterdir() if p.name != ".hydra"):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    parent = out.resolve().parent
+    for _ in range(3):  # e.g. logs/prepare/runs, logs/prepare, logs
+        if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+            break
+        os.rmdir(parent)
+        parent = parent.parent
 
 
 def _in_multirun() -> bool:

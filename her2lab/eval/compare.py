@@ -11,16 +11,14 @@ drawn for both) and a two-sided bootstrap p-value.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from her2lab.errors import Her2labError, one_line_errors
+from her2lab.errors import Her2labError
 from her2lab.eval.bootstrap import macro_auroc, patient_bootstrap, patient_resamples
 from her2lab.eval.cv import out_of_fold
-from her2lab.io import atomic_path
 from her2lab.metrics import summary_metrics
 
 
@@ -101,23 +99,3 @@ def markdown(table: pd.DataFrame) -> str:
         lines.append(f"| `{r.experiment}` | {int(r.slides)} | {' | '.join(cells)} | {delta} | {p} |")
     lines += ["", "Intervals: percentile bootstrap resampling patients; Δ: paired, the same patients drawn for both."]
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m her2lab.compare", description="Compare experiments on the same slides")
-    ap.add_argument("folders", type=Path, nargs="+", help="run or sweep folders; the first is the reference")
-    ap.add_argument("--out", type=Path, default=Path("."), help="where compare.md and compare.csv go")
-    ap.add_argument("--n-boot", type=int, default=2000)
-    a = ap.parse_args(argv)
-
-    @one_line_errors
-    def run() -> None:
-        table = compare(a.folders, n_boot=a.n_boot)
-        a.out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(a.out / "compare.csv") as tmp:
-            table.to_csv(tmp, index=False)
-        with atomic_path(a.out / "compare.md") as tmp:
-            tmp.write_text(markdown(table))
-        print(markdown(table))
-
-    run()

@@ -10,7 +10,6 @@ bootstrap intervals resampled by patient. Failed and unfinished jobs are left ou
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from her2lab.errors import Her2labError, one_line_errors
+from her2lab.errors import Her2labError
 from her2lab.eval.bootstrap import patient_bootstrap
 from her2lab.eval.jobs import fold_metric_columns, summarize_sweep
 from her2lab.io import atomic_path
@@ -110,20 +109,3 @@ def markdown(table: pd.DataFrame) -> str:
     lines.append("Pooled: all test predictions of a setting's folds together (each slide once); intervals: "
                  "percentile bootstrap resampling patients.")
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m her2lab.cv", description="Cross-validation summary of a sweep folder")
-    ap.add_argument("sweep_dir", type=Path)
-    ap.add_argument("--n-boot", type=int, default=1000)
-    a = ap.parse_args(argv)
-
-    @one_line_errors
-    def run() -> None:
-        if not a.sweep_dir.is_dir():
-            raise Her2labError(f"{a.sweep_dir}: not a folder")
-        table = cv_summary(a.sweep_dir, n_boot=a.n_boot)
-        print(markdown(table))
-        print(f"→ {a.sweep_dir / 'cv_summary.csv'}, {a.sweep_dir / 'cv_summary.md'}")
-
-    run()

@@ -43,11 +43,23 @@ def instantiate_loggers(cfg: DictConfig) -> list:
     for c in (cfg.get("logger") or {}).values():
         if not c:
             continue
+        _require_extra(str(c.get("_target_", "")))
         if "WandbLogger" in str(c.get("_target_", "")) and not c.get("group"):
             c = OmegaConf.merge(c, {"group": sweep_group(cfg)})
         lg = build(c)
         loggers.append(lg)
     return loggers
+
+
+def _require_extra(target: str) -> None:
+    """A logger whose package is an optional extra: a one-line error naming the extra."""
+    import importlib.util
+
+    from her2lab.errors import Her2labError
+
+    if "TensorBoardLogger" in target and importlib.util.find_spec("tensorboard") is None \
+            and importlib.util.find_spec("tensorboardX") is None:
+        raise Her2labError("logger=tensorboard needs TensorBoard: pip install 'her2lab[tensorboard]'")
 
 
 def log_wandb_test(loggers: list, module, class_names: list[str], predictions: Path, images: list[Path] = ()) -> None:
