@@ -40,6 +40,7 @@ def test_hydra_entry_bad_manifest_is_one_line(tmp_path):
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and "missing column(s) patient_id, her2_score" in lines[-1]
     assert "Traceback" not in res.stderr
+    assert not (tmp_path / "logs").exists()  # a call that failed before writing leaves no run folder
 
 
 BARE_HEADER = "slide_id,patient_id,path,her2_score\n"
