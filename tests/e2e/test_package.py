@@ -51,6 +51,7 @@ def installed(tmp_path_factory) -> Path:
     names = zipfile.ZipFile(wheel).namelist()
     assert "her2lab/conf/train.yaml" in names and "her2lab/conf/hydra/help/her2lab.yaml" in names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
     env_dir = root / "venv"
     venv.create(env_dir, with_pip=True)
