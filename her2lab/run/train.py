@@ -25,6 +25,7 @@ from her2lab.io import ensure_writable_dir
 from her2lab.plots import confusion_png
 from her2lab.run.encoder import ensure_encoder, export_encoder
 from her2lab.run.explanations import explain_tested
+from her2lab.run.extras import apply_extras
 from her2lab.run.loggers import finish_loggers, instantiate_loggers, log_wandb_test
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> float | None:
+    apply_extras(cfg, run_dir, show=_is_rank_zero())  # tags, warnings, config tree: before any work
     resume = cfg.get("ckpt_path")
     if resume:  # read as data only, before any work: a file that would run code is refused here
         ckpt = load_checkpoint(resume)
