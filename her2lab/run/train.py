@@ -25,6 +25,7 @@ from her2lab.io import ensure_writable_dir
 from her2lab.plots import confusion_png
 from her2lab.run.encoder import ensure_encoder, export_encoder
 from her2lab.run.explanations import explain_tested
+from her2lab.run.extras import apply_extras
 from her2lab.run.loggers import finish_loggers, instantiate_loggers, log_wandb_test
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> float | None:
+    apply_extras(cfg, run_dir, show=_is_rank_zero())  # tags, warnings, config tree: before any work
     resume = cfg.get("ckpt_path")
     if resume:  # read as data only, before any work: a file that would run code is refused here
         ckpt = load_checkpoint(resume)
@@ -73,9 +75,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = instantiate_loggers(cfg)
     trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
+    # fast_dev_run swaps the loggers for a dummy: the configured ones then log nothing (no W&B run)
+    active = trainer.loggers if trainer.fast_dev_run else loggers
     try:
         hparams = OmegaConf.to_container(cfg, resolve=True)
-        for lg in loggers:
+        for lg in active:
             lg.log_hyperparams(hparams)  # the whole resolved config, so sweeps can be compared
         try:  # checkpoints are read as data only (see her2lab.checkpoint)
             with data_only():
@@ -85,7 +89,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
                 write_excluded_tiles(dm, run_dir / "excluded_tiles.csv")
         metrics = _test_selected(trainer, module, dm)
         if zero:
-            _write_outputs(cfg, inputs, module, dm, metrics, run_dir, loggers)
+            _write_outputs(cfg, inputs, module, dm, metrics, run_dir, active)
         return metrics.get(cfg.get("optimized_metric", ""))
     finally:
         finish_loggers(loggers)
@@ -95,7 +99,10 @@ def _test_selected(trainer: pl.Trainer, module: pl.LightningModule, dm: pl.Light
     """Test the best checkpoint (the last weights when there is none); the fit's and the test's metrics."""
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
-    if best is None:
+    if trainer.fast_dev_run:  # Lightning saves no checkpoint in this mode
+        log.info("fast_dev_run: no checkpoint was saved; testing the last weights on %s batch(es)",
+                 int(trainer.fast_dev_run))
+    elif best is None:
         log.warning("no best checkpoint (no validation metric?): testing the last weights")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     with data_only():  # the best checkpoint may predate a resume (an earlier version's file)

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from her2lab import CONF_DIR
 from tests.helpers import compose_config
 
-GROUPS = ["cohort", "labels", "backbone", "data", "model", "trainer", "logger", "experiment", "tiling", "tissue", "hparams_search"]
+GROUPS = ["cohort", "labels", "backbone", "data", "model", "trainer", "logger", "experiment",
+          "tiling", "tissue", "hparams_search", "callbacks", "extras", "debug"]
 
 
 def _options(group: str) -> list[str]:
@@ -34,7 +35,8 @@ def test_every_option_composes(group, option):
         overrides.append("cohort.manifest=/tmp/manifest.csv")
     cfg = _compose(config, overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    key = {"experiment": "task_name", "hparams_search": "optimized_metric"}.get(group, group)
+    key = {"experiment": "task_name", "debug": "task_name",
+           "hparams_search": "optimized_metric"}.get(group, group)
     assert resolved[key]
     if group == "tiling" and option != "backbone":  # prepare has no backbone to follow
         assert OmegaConf.to_container(_compose("prepare", overrides).tiling, resolve=True) == resolved["tiling"]
@@ -156,3 +158,144 @@ def test_pooling_heads_share_the_mil_settings_but_not_the_attention(model, net):
     pooled, abmil = _compose("train", [f"model={model}"]).model, _compose("train", ["model=abmil"]).model
     assert pooled.net._target_.endswith(net) and "gated" not in pooled.net and "attn_dim" not in pooled.net
     assert _without(pooled, "net") == _without(abmil, "net")
+
+
+DEBUG = {
+    "default": {},
+    "fdr": {"fast_dev_run": True},
+    "overfit": {"overfit_batches": 2},
+    "limit": {"limit_train_batches": 2, "limit_val_batches": 4, "limit_test_batches": 4},
+    "profiler": {},
+}
+
+
+def _trainer(cfg):
+    """The config's Trainer; the global switch ``deterministic`` turns on is put back afterwards."""
+    import os
+
+    was, env = (
+        torch.are_deterministic_algorithms_enabled(),
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+    try:
+        return instantiate(cfg.trainer)
+    finally:
+        torch.use_deterministic_algorithms(was)
+        if env is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+@pytest.mark.parametrize("option", _options("debug"))
+def test_debug_options_make_a_small_local_run_that_lightning_accepts(option):
+    from pytorch_lightning.profilers import SimpleProfiler
+
+    # debug comes last: it wins over an experiment and a GPU trainer (a logger named on the
+    # command line wins over debug's)
+    cfg = _compose("train", ["experiment=paper_a", "trainer=gpu", f"debug={option}"])
+    assert cfg.task_name == "debug" and list(cfg.tags) == ["debug"] and list(cfg.logger) == ["csv"]
+    t = cfg.trainer
+    assert (t.accelerator, t.devices, t.precision, t.deterministic, t.detect_anomaly) == (
+        "cpu",
+        1,
+        "32-true",
+        True,
+        True,
+    )
+    assert {k: t[k] for k in DEBUG[option]} == DEBUG[option]
+    assert t.max_epochs == {"overfit": 50, "limit": 3}.get(option, 1)
+    assert not cfg.extras.enforce_tags
+    trainer = _trainer(cfg)  # Lightning takes every setting
+    assert trainer.fast_dev_run == (option == "fdr") and trainer.overfit_batches == DEBUG[
+        option
+    ].get("overfit_batches", 0)
+    if option == "limit":
+        assert (
+            trainer.limit_train_batches,
+            trainer.limit_val_batches,
+            trainer.limit_test_batches,
+        ) == (2, 4, 4)
+    if option == "profiler":
+        assert (
+            isinstance(trainer.profiler, SimpleProfiler)
+            and cfg.trainer.profiler.dirpath == cfg.paths.output_dir
+        )
+    assert list(_compose("train", [f"debug={option}", "logger=many"]).logger) == [
+        "csv",
+        "wandb",
+        "tensorboard",
+    ]
+
+
+@pytest.mark.parametrize("option", ["fdr", "limit"])
+def test_debug_runs_land_under_the_log_dirs_debug_folder_at_debug_level(option):
+    from hydra import compose, initialize_config_dir
+
+    from her2lab import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            [f"debug={option}", "trainer=ddp", "paths.log_dir=/l"],
+            return_hydra_config=True,
+        )
+    assert cfg.hydra.run.dir.startswith("/l/debug/runs/") and cfg.hydra.sweep.dir.startswith(
+        "/l/debug/multiruns/"
+    )
+    assert list(cfg.hydra.verbose) == ["her2lab"]
+    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.num_nodes) == (
+        "auto",
+        1,
+        1,
+    )  # one process
+
+
+def test_a_debug_run_never_exports_an_encoder():
+    assert _compose("train", ["experiment=pretrain_hne"]).export_encoder
+    assert _compose("train", ["experiment=pretrain_hne", "debug=fdr"]).export_encoder is None
+
+
+def test_no_debug_and_default_extras_by_default():
+    cfg = _compose("train", [])
+    assert "fast_dev_run" not in cfg.trainer and cfg.task_name == "train"
+    assert dict(cfg.extras) == {
+        "print_config": True,
+        "enforce_tags": False,
+        "ignore_warnings": False,
+    }
+
+
+def test_the_placeholder_tags_are_train_yamls():
+    from her2lab.run.extras import PLACEHOLDER_TAGS
+
+    assert tuple(_compose("train", []).tags) == PLACEHOLDER_TAGS
+
+
+def test_early_stopping_joins_the_default_callbacks_and_follows_the_checkpoints_metric():
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    cfg = _compose(
+        "train", ["callbacks=[default,early_stopping]", "callbacks.early_stopping.patience=3"]
+    )
+    assert list(cfg.callbacks) == ["model_checkpoint", "last_checkpoint", "early_stopping"]
+    es = instantiate(cfg.callbacks.early_stopping)
+    assert isinstance(es, EarlyStopping) and es.patience == 3
+    assert (
+        (es.monitor, es.mode)
+        == (cfg.callbacks.model_checkpoint.monitor, cfg.callbacks.model_checkpoint.mode)
+        == ("val/auroc", "max")
+    )
+    moved = _compose(
+        "train",
+        [
+            "callbacks=[default,early_stopping]",
+            "callbacks.model_checkpoint.monitor=val/loss",
+            "callbacks.model_checkpoint.mode=min",
+        ],
+    ).callbacks.early_stopping
+    assert (moved.monitor, moved.mode) == ("val/loss", "min")
+    alone = _compose("train", ["callbacks=early_stopping"]).callbacks
+    assert list(alone) == ["early_stopping"] and (
+        alone.early_stopping.monitor,
+        alone.early_stopping.mode,
+    ) == ("val/auroc", "max")
+    assert "early_stopping" not in _compose("train", []).callbacks
