@@ -22,7 +22,9 @@ from her2lab.data.inputs import Inputs, inputs_for
 from her2lab.errors import her2lab_cause
 from her2lab.eval.run_folder import write_config, write_failure, write_json, write_predictions
 from her2lab.io import ensure_writable_dir
+from her2lab.lit.epoch_log import EpochLog
 from her2lab.plots import confusion_png
+from her2lab.progress import on_terminal
 from her2lab.run.encoder import ensure_encoder, export_encoder
 from her2lab.run.explanations import explain_tested
 from her2lab.run.loggers import finish_loggers, instantiate_loggers, log_wandb_test
@@ -71,8 +73,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         check_fits(module, ckpt["state_dict"], resume, "the configured model")
         del ckpt
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if not any(isinstance(c, EpochLog) for c in callbacks):  # every epoch's metrics in the log file
+        callbacks.append(EpochLog())
     loggers = instantiate_loggers(cfg)
-    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
+    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                default_root_dir=str(run_dir), **_progress_bar_default(cfg.trainer))
     try:
         hparams = OmegaConf.to_container(cfg, resolve=True)
         for lg in loggers:
@@ -99,7 +104,9 @@ def _test_selected(trainer: pl.Trainer, module: pl.LightningModule, dm: pl.Light
         log.warning("no best checkpoint (no validation metric?): testing the last weights")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     with data_only():  # the best checkpoint may predate a resume (an earlier version's file)
-        trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=True) if best else trainer.test(module, datamodule=dm)
+        # Lightning's table of the test metrics on a terminal; EpochLog logs them as one line
+        ckpt_args = {"ckpt_path": best, "weights_only": True} if best else {}
+        trainer.test(module, datamodule=dm, verbose=on_terminal(), **ckpt_args)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     metrics["best_checkpoint"] = best or ""
     metrics["epochs_trained"] = int(trainer.current_epoch)
@@ -127,6 +134,14 @@ def _write_outputs(cfg: DictConfig, inputs: Inputs, module: pl.LightningModule, 
     if cfg.get("export_encoder"):
         export_encoder(module, cfg, Path(cfg.export_encoder), run_dir)
     log.info("run folder: %s", run_dir)
+
+
+def _progress_bar_default(tcfg: DictConfig) -> dict:
+    """Lightning's progress bar on a terminal only, unless ``trainer.enable_progress_bar`` says:
+    in a batch job it would fill the log with carriage returns, and the epoch lines say enough."""
+    if tcfg.get("enable_progress_bar") is not None:
+        return {}
+    return {"enable_progress_bar": on_terminal()}
 
 
 def _is_rank_zero() -> bool:
