@@ -23,6 +23,7 @@ from her2lab.errors import her2lab_cause
 from her2lab.eval.run_folder import write_config, write_failure, write_json, write_predictions
 from her2lab.io import ensure_writable_dir
 from her2lab.lit.epoch_log import EpochLog
+from her2lab.lit.noise import quiet_third_party
 from her2lab.plots import confusion_png
 from her2lab.progress import on_terminal
 from her2lab.run.encoder import ensure_encoder, export_encoder
@@ -41,6 +42,7 @@ def train(cfg: DictConfig) -> float | None:
     """
     run_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
     (run_dir / "failed.txt").unlink(missing_ok=True)
+    quiet_third_party()
     try:
         return _train(cfg, run_dir)
     except Exception as exc:
