@@ -4,12 +4,13 @@
 logging, so Hydra's file handler writes them to the run folder's ``train.log`` and they reach
 a batch job's output, where Lightning's progress bar is off (see :mod:`her2lab.progress`)::
 
-    epoch 3/40  train/loss=1.214 val/loss=1.187 val/auroc=0.7421 val/f1=0.4107 val/acc=0.5000  (12.3 s)
-    test  test/loss=0.912 test/auroc=0.8906 test/f1=0.7857 … (best_epoch007.ckpt)
+    epoch 15/39  train/loss=0.5121 val/loss=0.6969 val/auroc=0.9167 val/f1=0.4167 val/acc=0.5000 val/qwk=0.8333  (0.9 s)
+    test  test/acc=0.7500 test/auroc=0.8875 … test/loss=0.7428  (best_epoch015.ckpt)
 
-An epoch's training metrics are computed in ``LightningModule.on_train_epoch_end``, which Lightning
-calls after the callbacks' hook of the same name; so an epoch's line is written when the next
-epoch starts, or when training ends.
+Epochs are counted as Lightning counts them, from 0 (``epoch e/last``), as in the checkpoints'
+names and the CSV logs. An epoch's training metrics are computed in
+``LightningModule.on_train_epoch_end``, which Lightning calls after the callbacks' hook of the
+same name; so an epoch's line is written when the next epoch starts, or when training ends.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ EPOCH_KEYS = ("train/loss", "val/loss", "val/auroc", "val/f1", "val/acc", "val/q
 
 
 class EpochLog(pl.Callback):
-    """Logs ``epoch e/E  key=value …  (seconds)`` after every training epoch and, at the end of a
+    """Logs ``epoch e/last  key=value …  (seconds)`` after every training epoch and, at the end of a
     test, every scalar ``test/*`` metric (on global rank 0 only)."""
 
     def __init__(self, keys: Sequence[str] = EPOCH_KEYS) -> None:
@@ -66,9 +67,9 @@ class EpochLog(pl.Callback):
             return
         values = {**_scalars(trainer.callback_metrics, "train/"), **self._val}
         shown = {k: values[k] for k in self.keys if k in values}
-        of = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        last = f"/{trainer.max_epochs - 1}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         took = f"  ({time.monotonic() - self._start:.1f} s)" if self._start is not None else ""
-        log.info("epoch %d%s  %s%s", epoch + 1, of, _text(shown) or "(no metric)", took)
+        log.info("epoch %d%s  %s%s", epoch, last, _text(shown) or "(no metric)", took)
 
 
 def _scalars(metrics: dict, prefix: str) -> dict[str, float]:
