@@ -32,11 +32,13 @@ def mil_run(tmp_path_factory, r18_weights):
 
 def test_the_log_file_has_every_epoch_the_test_and_each_stage_and_no_noise(mil_run):
     log = (mil_run / "train.log").read_text()
-    assert re.findall(r"epoch (\d)/2  train/loss=[\d.]+ val/loss=[\d.]+ val/auroc=[\d.]+ val/f1=[\d.]+", log) == ["0", "1", "2"]
+    epoch = r"epoch (\d)/2  train/loss=[\d.]+ val/loss=[\d.]+ val/auroc=[\d.]+ val/f1=[\d.]+"
+    assert re.findall(epoch, log) == ["0", "1", "2"]
     assert re.search(r"test  test/acc=[\d.]+ test/auroc=[\d.]+ .*  \(best_epoch\d{3}\.ckpt\)", log)
-    assert re.search(r"embedding \d+ tiles of \d+ slides .*: done \d+/\d+ in \d:\d\d:[\d.]+ \([\d.]+ patches/s\)", log)
+    embedded = r"embedding \d+ tiles of \d+ slides .*: done \d+/\d+ in [\d:.]+ \([\d.]+ patches/s\)"
+    assert re.search(embedded, log)
     out = (mil_run.parent / "output.txt").read_text()
-    for noise in ("litlogger", "LeafSpec", "\r", "━"):  # Lightning's tip and warning; no progress bar
+    for noise in ("litlogger", "LeafSpec", "\r", "━"):  # Lightning's tip and warning; no bar
         assert noise not in out, noise
 
 

@@ -26,13 +26,17 @@ def test_off_a_terminal_progress_is_periodic_log_lines_and_a_final_one(caplog, m
     lines = _lines(caplog)
     periodic, final = lines[:-1], lines[-1]
     assert len(periodic) == 3  # after 10, 20 and 30 of 40; not at the end (the final line says it)
-    pattern = (r"embedding 40 tiles: (\d+)/40 \((\d+) %\), [\d.]+ patches/s, "
-               r"elapsed 0:00:\d\d\.\d, ETA 0:00:\d\d\.\d")
+    pattern = (
+        r"embedding 40 tiles: (\d+)/40 \((\d+) %\), [\d.]+ patches/s, "
+        r"elapsed 0:00:\d\d\.\d, ETA 0:00:\d\d\.\d"
+    )
     for line, done in zip(periodic, (10, 20, 30), strict=True):
         m = re.fullmatch(pattern, line)
         assert m, line
         assert int(m.group(1)) == done and int(m.group(2)) == round(100 * done / 40)
-    assert re.fullmatch(r"embedding 40 tiles: done 40/40 in 0:00:\d\d\.\d \([\d.]+ patches/s\)", final), final
+    assert re.fullmatch(
+        r"embedding 40 tiles: done 40/40 in 0:00:\d\d\.\d \([\d.]+ patches/s\)", final
+    ), final
 
 
 def test_the_interval_comes_from_the_environment(caplog, monkeypatch):
@@ -42,7 +46,11 @@ def test_the_interval_comes_from_the_environment(caplog, monkeypatch):
         with progress_bar("preparing 3 slides", 3) as advance:
             for _ in range(3):
                 advance()
-    assert len(_lines(caplog)) == 1 and "done 3/3" in _lines(caplog)[0] and "items/s" in _lines(caplog)[0]
+    assert (
+        len(_lines(caplog)) == 1
+        and "done 3/3" in _lines(caplog)[0]
+        and "items/s" in _lines(caplog)[0]
+    )
     monkeypatch.setenv(INTERVAL_ENV, "2.5")
     assert progress_interval() == 2.5
     monkeypatch.setenv(INTERVAL_ENV, "soon")
@@ -73,4 +81,6 @@ def test_on_a_terminal_the_bar_is_drawn_and_the_end_is_logged(caplog, monkeypatc
     with caplog.at_level(logging.INFO, logger="her2lab.progress"):
         with progress_bar("embedding 8 tiles", 8, unit="patches", interval=0) as advance:
             advance(8, rate="8 patches/s")
-    assert len(_lines(caplog)) == 1 and _lines(caplog)[0].startswith("embedding 8 tiles: done 8/8 in ")
+    assert len(_lines(caplog)) == 1 and _lines(caplog)[0].startswith(
+        "embedding 8 tiles: done 8/8 in "
+    )

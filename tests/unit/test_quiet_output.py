@@ -24,7 +24,13 @@ def _trainer_messages(lg: logging.Logger) -> list[str]:
     handler = _Records()
     lg.addHandler(handler)  # on Lightning's logger itself: it may not propagate to the root
     try:
-        pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+        pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
     finally:
         lg.removeHandler(handler)
     return handler.messages
@@ -46,7 +52,8 @@ def test_lightning_tips_are_dropped_and_its_other_messages_kept(monkeypatch):
     assert len(lg.filters) == 1
     after = _trainer_messages(lg)
     assert not any(m.startswith("💡 Tip:") for m in after)
-    assert [m for m in before if not m.startswith("💡 Tip:")] == after  # e.g. "GPU available: …" stays
+    # the others stay, e.g. "GPU available: …"
+    assert [m for m in before if not m.startswith("💡 Tip:")] == after
 
 
 def test_the_pytree_deprecation_inside_lightning_is_ignored_and_no_other_warning():
@@ -61,19 +68,23 @@ def test_the_pytree_deprecation_inside_lightning_is_ignored_and_no_other_warning
         seen.clear()
         quiet_third_party()
         _tree_flatten(1)
-        warnings.warn("LeafSpec elsewhere", FutureWarning, stacklevel=1)  # not Lightning's: still shown
+        # not raised by Lightning: still shown
+        warnings.warn("LeafSpec elsewhere", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["LeafSpec elsewhere"]
 
 
 def test_calibration_plot_of_read_only_arrays_warns_nothing(tmp_path):
     from her2lab.plots import reliability_png
 
-    df = pd.DataFrame({"label_index": [0, 1, 1, 0, 1], "p_a": [0.8, 0.3, 0.4, 0.6, 0.1]}).assign(p_b=lambda d: 1 - d.p_a)
+    p_a = [0.8, 0.3, 0.4, 0.6, 0.1]
+    df = pd.DataFrame({"label_index": [0, 1, 1, 0, 1], "p_a": p_a, "p_b": [1 - p for p in p_a]})
     y, probs = df.label_index.to_numpy(), df[["p_a", "p_b"]].to_numpy(dtype=float)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        y.flags.writeable = probs.flags.writeable = False  # as pandas hands them out (copy on write)
+        # read-only, as pandas hands them out (copy on write)
+        y.flags.writeable = probs.flags.writeable = False
         ece = reliability_png(y, probs, tmp_path / "calibration.png")
     assert [str(w.message) for w in seen] == []
     assert 0 <= ece <= 1 and (tmp_path / "calibration.png").exists()
-    assert np.array_equal(probs.argmax(1), [0, 1, 1, 0, 1]) and not probs.flags.writeable  # inputs untouched
+    # the inputs are untouched
+    assert np.array_equal(probs.argmax(1), [0, 1, 1, 0, 1]) and not probs.flags.writeable
