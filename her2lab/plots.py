@@ -107,8 +107,11 @@ def reliability_png(y: np.ndarray, probs: np.ndarray, path: Path, n_bins: int = 
     import torch
     from torchmetrics.functional.classification import multiclass_calibration_error
 
-    ece = float(multiclass_calibration_error(torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(y),
-                                             num_classes=probs.shape[1], n_bins=n_bins, norm="l1"))
+    # copies: the arrays may be read-only (pandas' to_numpy), which torch.as_tensor warns about
+    p_t = torch.from_numpy(np.array(probs, dtype=np.float32))
+    y_t = torch.from_numpy(np.array(y, dtype=np.int64))
+    ece = float(multiclass_calibration_error(p_t, y_t, num_classes=probs.shape[1], n_bins=n_bins,
+                                             norm="l1"))
     conf, correct = probs.max(1), (probs.argmax(1) == y)
     edges = np.linspace(0, 1, n_bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1]), 0, n_bins - 1)

@@ -38,7 +38,9 @@ from her2lab.eval.external import (
 )
 from her2lab.eval.run_folder import best_checkpoint, require_run_dir, write_json, write_predictions
 from her2lab.io import atomic_path, ensure_writable_dir
+from her2lab.lit.noise import quiet_third_party
 from her2lab.plots import confusion_png, curves_png, reliability_png
+from her2lab.progress import on_terminal
 from her2lab.run.explanations import explain_tested
 from her2lab.run.loggers import log_wandb_eval
 
@@ -98,9 +100,11 @@ def run_evaluation(cfg: DictConfig) -> Evaluation:
     module = build(rcfg.model)
     check_fits(module, state, ckpt)
     module.load_state_dict(state)
+    quiet_third_party()
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.test(module, dataloaders=dm._eval(ds))
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         enable_progress_bar=on_terminal())  # in a batch job: log lines only
+    trainer.test(module, dataloaders=dm._eval(ds), verbose=on_terminal())  # else: score() logs them
     metrics = {k.replace("test/", f"{split}/", 1): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     metrics[f"{split}/confusion_matrix"] = module.confusion.compute().tolist()
     metrics.update({"checkpoint": str(ckpt), "run_dir": str(run_dir), "split": split, "cohort": str(rcfg.cohort.name),

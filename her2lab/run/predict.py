@@ -66,7 +66,9 @@ def score(cfg: DictConfig) -> float | None:
                               "evaluation folder")
     cfg = _with_slides(cfg, out)
     if (cfg.get("split") or "test") == "val" and not cfg.get("cohort"):
-        return run_evaluation(_inner(cfg, runs[0], out)).metrics.get("val/auroc")  # the calibration split itself
+        metrics = run_evaluation(_inner(cfg, runs[0], out)).metrics  # the calibration split itself
+        log_final_metrics(metrics, "val")
+        return metrics.get("val/auroc")
     conformal = cfg.get("conformal") or {}
     if not sweep:
         ev = run_evaluation(_inner(cfg, runs[0], out, ckpt_path=cfg.get("ckpt_path")))
@@ -89,11 +91,23 @@ def score(cfg: DictConfig) -> float | None:
     with atomic_path(out / "predictions.csv") as tmp:
         preds.to_csv(tmp, index=False)
     write_json(out / "metrics.json", metrics)
+    log_final_metrics(metrics, split)
     if (cfg.get("report") or {}).get("enabled", True):
         _reports(out, preds, classes, evals, runs, left_out)
     log.info("scored %d slide(s) with %d model(s)%s → %s", len(preds), len(runs),
              f"; {int(preds.refer.sum())} referred" if "refer" in preds else "", out)
     return metrics.get(f"{split}/auroc")
+
+
+def log_final_metrics(metrics: dict, split: str) -> None:
+    """The scalar metrics of ``split`` as one log line (into ``eval.log`` with the rest)."""
+    shown = []
+    for k, v in metrics.items():
+        if k.startswith(f"{split}/") and isinstance(v, int | float) and not isinstance(v, bool):
+            name = k.split("/", 1)[1]
+            shown.append(f"{name}={v:.4f}" if isinstance(v, float) else f"{name}={v}")
+    if shown:
+        log.info("%s metrics: %s", split, " ".join(shown))
 
 
 # -- which models ------------------------------------------------------------------------------

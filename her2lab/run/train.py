@@ -22,7 +22,10 @@ from her2lab.data.inputs import Inputs, inputs_for
 from her2lab.errors import her2lab_cause
 from her2lab.eval.run_folder import write_config, write_failure, write_json, write_predictions
 from her2lab.io import ensure_writable_dir
+from her2lab.lit.epoch_log import EpochLog
+from her2lab.lit.noise import quiet_third_party
 from her2lab.plots import confusion_png
+from her2lab.progress import on_terminal
 from her2lab.run.encoder import ensure_encoder, export_encoder
 from her2lab.run.explanations import explain_tested
 from her2lab.run.extras import apply_extras
@@ -40,6 +43,7 @@ def train(cfg: DictConfig) -> float | None:
     """
     run_dir = ensure_writable_dir(cfg.paths.output_dir, "run folder")
     (run_dir / "failed.txt").unlink(missing_ok=True)
+    quiet_third_party()
     try:
         return _train(cfg, run_dir)
     except Exception as exc:
@@ -73,8 +77,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         check_fits(module, ckpt["state_dict"], resume, "the configured model")
         del ckpt
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if not any(isinstance(c, EpochLog) for c in callbacks):  # every epoch's metrics in the log file
+        callbacks.append(EpochLog())
     loggers = instantiate_loggers(cfg)
-    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
+    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                default_root_dir=str(run_dir), **_progress_bar_default(cfg.trainer))
     # fast_dev_run swaps the loggers for a dummy: the configured ones then log nothing (no W&B run)
     active = trainer.loggers if trainer.fast_dev_run else loggers
     try:
@@ -106,7 +113,9 @@ def _test_selected(trainer: pl.Trainer, module: pl.LightningModule, dm: pl.Light
         log.warning("no best checkpoint (no validation metric?): testing the last weights")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     with data_only():  # the best checkpoint may predate a resume (an earlier version's file)
-        trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=True) if best else trainer.test(module, datamodule=dm)
+        # Lightning's table of the test metrics on a terminal; EpochLog logs them as one line
+        ckpt_args = {"ckpt_path": best, "weights_only": True} if best else {}
+        trainer.test(module, datamodule=dm, verbose=on_terminal(), **ckpt_args)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     metrics["best_checkpoint"] = best or ""
     metrics["epochs_trained"] = int(trainer.current_epoch)
@@ -134,6 +143,14 @@ def _write_outputs(cfg: DictConfig, inputs: Inputs, module: pl.LightningModule, 
     if cfg.get("export_encoder"):
         export_encoder(module, cfg, Path(cfg.export_encoder), run_dir)
     log.info("run folder: %s", run_dir)
+
+
+def _progress_bar_default(tcfg: DictConfig) -> dict:
+    """Lightning's progress bar on a terminal only, unless ``trainer.enable_progress_bar`` says:
+    in a batch job it would fill the log with carriage returns, and the epoch lines say enough."""
+    if tcfg.get("enable_progress_bar") is not None:
+        return {}
+    return {"enable_progress_bar": on_terminal()}
 
 
 def _is_rank_zero() -> bool:

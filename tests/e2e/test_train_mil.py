@@ -1,6 +1,7 @@
 """Attention-MIL training end to end on a small synthetic cohort (real slides, encoder, Lightning)."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,20 @@ def mil_run(tmp_path_factory, r18_weights):
     ]
     res = run_task("train.py", *args, cwd=tmp, data_dir=tmp / "data", log_dir=tmp / "logs")
     assert res.returncode == 0, res.stderr[-3000:]
+    (tmp / "output.txt").write_text(res.stdout + res.stderr)  # what a batch job's output file gets
     return tmp / "run"
+
+
+def test_the_log_file_has_every_epoch_the_test_and_each_stage_and_no_noise(mil_run):
+    log = (mil_run / "train.log").read_text()
+    epoch = r"epoch (\d)/2  train/loss=[\d.]+ val/loss=[\d.]+ val/auroc=[\d.]+ val/f1=[\d.]+"
+    assert re.findall(epoch, log) == ["0", "1", "2"]
+    assert re.search(r"test  test/acc=[\d.]+ test/auroc=[\d.]+ .*  \(best_epoch\d{3}\.ckpt\)", log)
+    embedded = r"embedding \d+ tiles of \d+ slides .*: done \d+/\d+ in [\d:.]+ \([\d.]+ patches/s\)"
+    assert re.search(embedded, log)
+    out = (mil_run.parent / "output.txt").read_text()
+    for noise in ("litlogger", "LeafSpec", "\r", "━"):  # Lightning's tip and warning; no bar
+        assert noise not in out, noise
 
 
 def test_outputs_and_one_prediction_per_test_slide(mil_run):
