@@ -224,9 +224,10 @@ class Slide:
                 f"{self.path}: unreadable region at {xy_level0} level {level} ({_first_line(exc)}); "
                 "the file may be truncated: re-copy it"
             ) from None
-        if region.getchannel(3).getextrema()[0] == 255:  # opaque: PIL's C conversion is fastest
-            return np.asarray(region.convert("RGB"))
-        return _rgba_to_rgb(np.asarray(region))
+        rgba = np.asarray(region)
+        if rgba.size and rgba[..., 3].min() == 255:  # opaque: drop alpha (cheaper than PIL)
+            return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
+        return _rgba_to_rgb(rgba)
 
     def read_at_mpp(self, target_mpp: float) -> np.ndarray:
         """The whole slide as one RGB image (H, W, 3) at ``target_mpp`` µm/px.
