@@ -145,7 +145,8 @@ def prepare_slide(slide_id: str, path: str, mpp: float | None, settings: Prepare
     roi_file = settings.roi_path(slide_id)
     roi = read_roi(roi_file) if roi_file is not None else None
     params = settings.params(roi.digest if roi else None)
-    with Slide(path, mpp_override=mpp, slide_id=slide_id) as slide:
+    # Its tiles are read once (one low-resolution read), so OpenSlide need not cache them.
+    with Slide(path, mpp_override=mpp, slide_id=slide_id, tile_cache=False) as slide:
         if settings.thumb_mpp < slide.level0_mpp * 0.999:
             raise SlideError(
                 f"{slide.path}: thumbnail at {settings.thumb_mpp:g} µm/px is finer than the slide's "

@@ -126,6 +126,9 @@ class Slide:
         path: slide file.
         mpp_override: level-0 µm/px that wins over the slide's metadata.
         slide_id: name used in messages and outputs (default: file stem).
+        tile_cache: keep decoded tiles in OpenSlide's tile cache; ``False`` for a handle that
+            reads each tile once (a whole level for a mask or thumbnail), where caching costs
+            about a sixth of the decode.
 
     Raises:
         SlideError: missing file, a format OpenSlide cannot read, a truncated or corrupt file,
@@ -137,6 +140,7 @@ class Slide:
         path: str | os.PathLike,
         mpp_override: float | None = None,
         slide_id: str | None = None,
+        tile_cache: bool = True,
     ) -> None:
         self.path = Path(path)
         self.slide_id = slide_id or self.path.stem
@@ -167,6 +171,8 @@ class Slide:
             msg = str(exc)
             raise SlideError(msg if msg.startswith(str(self.path)) else f"{self.path}: {msg}") from None
         self.mpp = mpp
+        if not tile_cache:
+            self._osr.set_cache(openslide.OpenSlideCache(0))
 
     # --- geometry -------------------------------------------------------------------------
     @property
