@@ -16,8 +16,9 @@ Measures, on a synthetic cohort and a large synthetic slide written to a tempora
    64× downsample): the full ``prepare_slide`` (one read at 8 µm/px from the 4 µm/px level,
    tissue mask, tile grid, tiles h5, QuPath outline, thumbnail and QC PNGs) against a CLAM-style
    segmentation + patching + mask picture (:func:`clam_seg_and_patch`: CLAM's
-   ``create_patches_fp.py`` defaults, segmenting the level nearest 64× downsample), with CLAM's
-   default 256 px patches and with her2lab's grid (224 px at 0.5 µm/px = 448 level-0 px).
+   ``create_patches_fp.py`` defaults, segmenting the coarsest level at most 64× downsample),
+   with CLAM's default 256 px patches and with her2lab's grid (224 px at 0.5 µm/px = 448
+   level-0 px).
    The large slide is one synthetic case rendered at 8× the level-0 µm/px, its level 0 that
    render with every pixel repeated 8×8 (level 0 is never read here).
 4. Tissue masks against the generator's ground truth (IoU, the mask upsampled nearest-neighbour
@@ -62,7 +63,7 @@ LARGE_ZOOM = 8  # the large slide: a case rendered at 8x the level-0 µm/px, the
 LARGE_DOWNSAMPLES = (1, 4, 16, 64)
 
 # CLAM's create_patches_fp.py defaults (seg_params, filter_params, vis_params, patching).
-CLAM_SEG_DOWNSAMPLE = 64  # seg_level -1: the level nearest this downsample
+CLAM_SEG_DOWNSAMPLE = 64  # seg_level -1: the coarsest level at most this downsample
 CLAM_STHRESH, CLAM_MTHRESH, CLAM_CLOSE = 8, 7, 4  # use_otsu False: a fixed saturation threshold
 CLAM_A_T, CLAM_A_H, CLAM_MAX_N_HOLES = 100, 16, 8  # in units of a 512 px reference patch
 CLAM_REF_PATCH = 512
@@ -127,13 +128,14 @@ def clam_seg_and_patch(path: Path, patch_px: int, out_dir: Path) -> int:
     """CLAM-style segmentation + patching + mask picture of one slide; returns the patch count.
 
     Written after CLAM's ``WholeSlideImage.segmentTissue``, ``process_contour`` (``four_pt``
-    check, ``use_padding``) and ``visWSI`` with ``create_patches_fp.py``'s defaults: the level
-    nearest 64× downsample read as RGBA, HSV saturation, median blur 7, a fixed threshold of 8,
-    closing with a 4×4 kernel, outer contours and their holes (``RETR_CCOMP``) kept by area
-    (tissue net of holes > 100 reference patches of 512², holes > 16, the 8 largest), scaled to
-    level 0; then every ``patch_px`` grid point of each contour's bounding box whose patch has
-    one of four points (the centre ± a quarter patch) in the contour and its centre in no hole;
-    coords to an h5, and the level drawn with the contours saved as JPEG (CLAM's mask picture).
+    check, ``use_padding``) and ``visWSI`` with ``create_patches_fp.py``'s defaults: the coarsest
+    level at most 64× downsample (OpenSlide's best level for it) read as RGBA, HSV saturation,
+    median blur 7, a fixed threshold of 8, closing with a 4×4 kernel, outer contours and their
+    holes (``RETR_CCOMP``) kept by area (tissue net of holes > 100 reference patches of 512²,
+    holes > 16, the 8 largest), scaled to level 0; then every ``patch_px`` grid point of each
+    contour's bounding box whose patch has one of four points (the centre ± a quarter patch) in
+    the contour and its centre in no hole; coords to an h5, and the level drawn with the
+    contours saved as JPEG (CLAM's mask picture).
     The candidate points are tested in this process, where CLAM starts a process pool for every
     contour: a lower bound of CLAM's time.
     """
