@@ -152,11 +152,15 @@ def test_thumbnail_coarser_than_the_lowest_level_is_made_by_downsampling(ihc_coh
 
 
 @pytest.mark.parametrize(("seg_mpp", "thumb_mpp"), [(8.0, 8.0), (8.0, 16.0), (16.0, 8.0)])
-def test_one_read_makes_the_mask_and_the_thumbnail(hne_cohort, tmp_path, monkeypatch, seg_mpp, thumb_mpp):
+def test_one_read_makes_the_mask_and_the_thumbnail(
+    hne_cohort, tmp_path, monkeypatch, seg_mpp, thumb_mpp
+):
     root, _ = hne_cohort
     manifest = load_manifest(root / "manifest.csv")
     sid, path = manifest.slide_id[0], manifest.path[0]
-    settings = replace(_settings(tmp_path, thumb_mpp=thumb_mpp, qc=False), tissue=TissueParams(seg_mpp=seg_mpp))
+    settings = replace(
+        _settings(tmp_path, thumb_mpp=thumb_mpp, qc=False), tissue=TissueParams(seg_mpp=seg_mpp)
+    )
     reads = []
     real = Slide.read_region
     monkeypatch.setattr(Slide, "read_region", lambda self, *a: reads.append(a) or real(self, *a))

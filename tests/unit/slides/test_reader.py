@@ -70,7 +70,8 @@ def test_level_choice_and_read_at_mpp(hne_cohort):
     assert low.shape == (cfg.height_px // 8, cfg.width_px // 8, 3) and low.dtype == np.uint8
     with Slide(slide.path, tile_cache=False) as uncached:  # the same pixels, nothing kept
         assert (uncached.read_at_mpp(4.0) == low).all()
-        assert (uncached.read_region((100, 50), 0, (64, 32)) == slide.read_region((100, 50), 0, (64, 32))).all()
+        region = ((100, 50), 0, (64, 32))
+        assert (uncached.read_region(*region) == slide.read_region(*region)).all()
 
 
 @pytest.mark.parametrize("kind", ["missing", "text", "truncated", "directory"])
