@@ -145,15 +145,20 @@ def prepare_slide(slide_id: str, path: str, mpp: float | None, settings: Prepare
     roi_file = settings.roi_path(slide_id)
     roi = read_roi(roi_file) if roi_file is not None else None
     params = settings.params(roi.digest if roi else None)
-    with Slide(path, mpp_override=mpp, slide_id=slide_id) as slide:
+    # Its tiles are read once (one low-resolution read), so OpenSlide need not cache them.
+    with Slide(path, mpp_override=mpp, slide_id=slide_id, tile_cache=False) as slide:
         if settings.thumb_mpp < slide.level0_mpp * 0.999:
             raise SlideError(
                 f"{slide.path}: thumbnail at {settings.thumb_mpp:g} µm/px is finer than the slide's "
                 f"level 0 ({slide.level0_mpp:.3g} µm/px) from {slide.mpp.source}; thumbnails are "
                 f"never upsampled: use a thumb_mpp ≥ {slide.level0_mpp:.3g} or check the slide's mpp"
             )
-        # A slide coarser than seg_mpp is segmented at its own pixels; its mask says so (mask_mpp).
-        seg_img, seg_mpp = slide.read_lowres(settings.tissue.seg_mpp)
+        # One low-resolution read serves the mask and the thumbnail: at the finer of the two
+        # resolutions, the other one downscaled from it. A slide coarser than seg_mpp is
+        # segmented at its own pixels; its mask says so (mask_mpp).
+        img, img_mpp = slide.read_lowres(min(settings.tissue.seg_mpp, settings.thumb_mpp))
+        seg_mpp = max(settings.tissue.seg_mpp, img_mpp)
+        seg_img = resize_to_mpp(img, img_mpp, seg_mpp)
         if seg_mpp != settings.tissue.seg_mpp:
             log.info("%s: coarser than tissue.seg_mpp=%g; tissue mask at its own %.3g µm/px",
                      slide_id, settings.tissue.seg_mpp, seg_mpp)
@@ -180,9 +185,9 @@ def prepare_slide(slide_id: str, path: str, mpp: float | None, settings: Prepare
         outline_path = settings.outline_path(slide_id)
         _write(outline_path, lambda: _atomic(outline_path, lambda tmp: write_outline(tmp, outline)))
         thumb = (
-            resize_to_mpp(seg_img, seg_mpp, settings.thumb_mpp)
-            if settings.thumb_mpp >= seg_mpp
-            else slide.read_at_mpp(settings.thumb_mpp)
+            resize_to_mpp(img, img_mpp, settings.thumb_mpp)
+            if settings.thumb_mpp >= img_mpp
+            else slide.read_at_mpp(settings.thumb_mpp)  # within 0.1 % of level 0: its own pixels
         )
         _write(settings.thumb_path(slide_id), lambda: save_png(settings.thumb_path(slide_id), thumb))
         if settings.qc:

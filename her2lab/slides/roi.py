@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import shapely
 from shapely.errors import ShapelyError
-from shapely.geometry import LineString, Point, Polygon, mapping, shape
+from shapely.geometry import LineString, Point, Polygon, shape
 from shapely.geometry.polygon import orient
 
 from her2lab.errors import SlideError
@@ -173,12 +173,19 @@ def outline_geojson(polys: list[Polygon]) -> dict:
         {
             "type": "Feature",
             "id": str(uuid.uuid4()),
-            "geometry": mapping(p),
+            "geometry": _polygon_geometry(p),
             "properties": {"objectType": "annotation", "classification": dict(TISSUE_CLASS)},
         }
         for p in polys
     ]
     return {"type": "FeatureCollection", "features": features}
+
+
+def _polygon_geometry(p: Polygon) -> dict:
+    """GeoJSON geometry of a polygon: what ``shapely.geometry.mapping`` gives, the rings' points
+    taken as arrays instead of one point at a time."""
+    rings = [p.exterior, *p.interiors]
+    return {"type": "Polygon", "coordinates": [shapely.get_coordinates(r).tolist() for r in rings]}
 
 
 def write_outline(path: Path, polys: list[Polygon]) -> None:

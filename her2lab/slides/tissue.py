@@ -34,10 +34,14 @@ class TissueParams:
 
 
 def pen_mask(rgb: np.ndarray) -> np.ndarray:
-    """Green, blue or strongly cyan ink (bool, H×W). H&E and IHC stains are never G>R or B≫R,G."""
-    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
-    green = (g > r + 15) & (g > b - 10)
-    blue = (b > r + 70) & (b > g + 45)
+    """Green, blue or strongly cyan ink (bool, H×W). H&E and IHC stains are never G>R or B≫R,G.
+
+    Green is ``G > R + 15`` and ``G > B - 10``, blue ``B > R + 70`` and ``B > G + 45``; computed
+    with saturating uint8 differences (``a - b`` clipped at 0), which give the same answers.
+    """
+    r, g, b = cv2.split(rgb)
+    green = (cv2.subtract(g, r) > 15) & (cv2.subtract(b, g) < 10)
+    blue = (cv2.subtract(b, r) > 70) & (cv2.subtract(b, g) > 45)
     return green | blue
 
 
@@ -75,18 +79,21 @@ def segment_tissue(
     thr = float(np.clip(thr, p.min_saturation, p.max_saturation))
     # Hysteresis: at this resolution an edge pixel is part glass, part tissue. Pixels brighter
     # than halfway between the glass and the typical tissue saturation count when they touch
-    # clearly stained ones, so edges of pale (IHC) tissue are not shaved off.
+    # clearly stained ones, so edges of pale (IHC) tissue are not shaved off. The two medians
+    # come from one histogram of the valid saturations, split at the threshold.
     strong = (sat > thr) & valid
-    if strong.any() and (valid & ~strong).any():
-        half = 0.5 * (float(np.median(sat[valid & ~strong])) + float(np.median(sat[strong])))
+    hist = np.bincount(sample, minlength=256)
+    cut = int(np.floor(thr)) + 1  # sat > thr  ⇔  sat ≥ cut
+    if hist[:cut].any() and hist[cut:].any():
+        half = 0.5 * (_hist_median(hist[:cut]) + cut + _hist_median(hist[cut:]))
     else:
         half = thr
     weak = (sat > min(thr, half)) & valid
-    n, labels = cv2.connectedComponents(weak.astype(np.uint8), connectivity=8)
+    n, labels = cv2.connectedComponents(weak.view(np.uint8), connectivity=8)
     seeded = np.zeros(n, bool)
     seeded[labels[strong]] = True
     seeded[0] = False
-    mask = seeded[labels].astype(np.uint8)
+    mask = np.take(seeded, labels).view(np.uint8)
     r = max(1, round(p.close_um / p.seg_mpp))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     # Closing only: an opening would cut thin strands of tissue into fragments that the
@@ -97,23 +104,40 @@ def segment_tissue(
     return mask & valid  # closing and hole filling never paint over ink or dark borders
 
 
+def _hist_median(hist: np.ndarray) -> float:
+    """The median of the values whose histogram is ``hist`` (bin ``i`` counts value ``i``), as
+    ``np.median`` gives it: the middle value, or the mean of the middle two."""
+    cum = np.cumsum(hist)
+    n = int(cum[-1])
+    lo, hi = np.searchsorted(cum, [(n - 1) // 2 + 1, n // 2 + 1])  # the middle one or two values
+    return 0.5 * (float(lo) + float(hi))
+
+
+def _components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (H, W) int32 of a bool mask's components (0: outside) and each label's area."""
+    _n, labels = cv2.connectedComponents(mask.view(np.uint8), connectivity=connectivity)
+    return labels, np.bincount(labels.ravel())
+
+
 def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = np.zeros(n, bool)
-    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
-    return keep[labels]
+    labels, area = _components(mask, 8)
+    keep = area >= min_px
+    keep[0] = False
+    if keep[1:].all():
+        return mask
+    return np.take(keep, labels)
 
 
 def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     # Holes are background components that do not touch the image border.
-    inv = (~mask).astype(np.uint8)
-    _n, labels, stats, _ = cv2.connectedComponentsWithStats(inv, connectivity=4)
-    h, w = mask.shape
-    x, y, bw, bh, area = (stats[:, i] for i in range(5))
-    touches = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
-    fill = (~touches) & (area < max_px)
+    labels, area = _components(~mask, 4)
+    fill = area < max_px
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        fill[edge] = False
     fill[0] = False  # label 0 is the tissue itself
-    return mask | fill[labels]
+    if not fill.any():
+        return mask
+    return mask | np.take(fill, labels)
 
 
 def tissue_contours(mask: np.ndarray) -> list[np.ndarray]:

@@ -21,10 +21,11 @@ import tifffile
 from her2lab.data.cohort import load_manifest
 from her2lab.data.synthetic import write_pyramid_tiff
 from her2lab.errors import OutputError, StaleCacheError
-from her2lab.slides.prepare import PrepareSettings, prepare_cohort
+from her2lab.slides.prepare import PrepareSettings, prepare_cohort, prepare_slide
+from her2lab.slides.reader import Slide
 from her2lab.slides.tiles_file import read_tiles_h5
 from her2lab.slides.tiling import TilingParams
-from her2lab.slides.tissue import TissueParams
+from her2lab.slides.tissue import TissueParams, segment_tissue
 from tests.helpers import REPO, gradient_rgb, hand_manifest, hand_settings, prepare_thumbnails
 
 
@@ -148,6 +149,30 @@ def test_thumbnail_coarser_than_the_lowest_level_is_made_by_downsampling(ihc_coh
     settings, manifest = prepare_thumbnails(tmp_path, root, thumb_mpp=64.0)  # lowest level: 8 µm/px
     img = cv2.imread(str(settings.thumb_path(manifest.slide_id[0])))
     assert img.shape[:2] == (round(cfg.height_px * cfg.mpp / 64), round(cfg.width_px * cfg.mpp / 64))
+
+
+@pytest.mark.parametrize(("seg_mpp", "thumb_mpp"), [(8.0, 8.0), (8.0, 16.0), (16.0, 8.0)])
+def test_one_read_makes_the_mask_and_the_thumbnail(
+    hne_cohort, tmp_path, monkeypatch, seg_mpp, thumb_mpp
+):
+    root, _ = hne_cohort
+    manifest = load_manifest(root / "manifest.csv")
+    sid, path = manifest.slide_id[0], manifest.path[0]
+    settings = replace(
+        _settings(tmp_path, thumb_mpp=thumb_mpp, qc=False), tissue=TissueParams(seg_mpp=seg_mpp)
+    )
+    reads = []
+    real = Slide.read_region
+    monkeypatch.setattr(Slide, "read_region", lambda self, *a: reads.append(a) or real(self, *a))
+    prepare_slide(sid, path, None, settings)
+    assert len(reads) == 1  # the finer of the two resolutions, the other one downscaled from it
+    with Slide(path) as slide:  # the same as reading each at its own resolution
+        want_mask = segment_tissue(slide.read_at_mpp(seg_mpp), settings.tissue)
+        want_thumb = slide.read_at_mpp(thumb_mpp)
+    with h5py.File(settings.tiles_path(sid)) as f:
+        assert f.attrs["mask_mpp"] == seg_mpp and (f["tissue_mask"][:] == want_mask).all()
+    thumb = cv2.cvtColor(cv2.imread(str(settings.thumb_path(sid))), cv2.COLOR_BGR2RGB)
+    assert (thumb == want_thumb).all()
 
 
 def test_a_corrected_mpp_reprepares_the_slide(slides, tmp_path):

@@ -68,6 +68,10 @@ def test_level_choice_and_read_at_mpp(hne_cohort):
     assert slide.level_for_mpp(32.0) == 2
     low = slide.read_at_mpp(4.0)
     assert low.shape == (cfg.height_px // 8, cfg.width_px // 8, 3) and low.dtype == np.uint8
+    with Slide(slide.path, tile_cache=False) as uncached:  # the same pixels, nothing kept
+        assert (uncached.read_at_mpp(4.0) == low).all()
+        region = ((100, 50), 0, (64, 32))
+        assert (uncached.read_region(*region) == slide.read_region(*region)).all()
 
 
 @pytest.mark.parametrize("kind", ["missing", "text", "truncated", "directory"])

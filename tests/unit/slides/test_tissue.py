@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from her2lab.slides.reader import Slide
-from her2lab.slides.tissue import TissueParams, pen_mask, segment_tissue
+from her2lab.slides.tissue import TissueParams, _hist_median, pen_mask, segment_tissue
 
 
 def _iou(a, b):
@@ -51,3 +51,19 @@ def test_grey_background_and_empty_slide():
     grey += np.random.default_rng(0).integers(0, 6, grey.shape, dtype=np.uint8)
     assert not segment_tissue(grey).any()
     assert not segment_tissue(np.full((50, 50, 3), 255, np.uint8)).any()
+
+
+def test_pen_mask_is_the_signed_rule():
+    rgb = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    rgb[:100] //= 4  # dark pixels too
+    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    want = ((g > r + 15) & (g > b - 10)) | ((b > r + 70) & (b > g + 45))
+    assert (pen_mask(rgb) == want).all()
+
+
+def test_histogram_median_is_numpys():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 10, 1001):
+        values = rng.integers(0, 40, n)
+        hist = np.bincount(values, minlength=256)
+        assert _hist_median(hist) == np.median(values)
