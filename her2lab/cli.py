@@ -100,7 +100,7 @@ def run_task(name: str, argv: Sequence[str] | None = None, prog: str | None = No
     from her2lab.help import register_resolvers
 
     OmegaConf.register_new_resolver("her2lab.eval_dir", _eval_dir, replace=True)
-    register_resolvers()
+    register_resolvers({c.name: c.summary for c in COMMANDS.values()})
     command = COMMANDS[name]
     if argv is not None:
         sys.argv = [prog or f"her2lab {name}", *argv]

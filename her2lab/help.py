@@ -46,13 +46,10 @@ def groups_text(config_name: str) -> str:
     return "\n".join(lines)
 
 
-def register_resolvers() -> None:
-    """``${her2lab.help_groups:<config>}`` and ``${her2lab.summary:<command>}`` for the help template."""
+def register_resolvers(summaries: dict[str, str]) -> None:
+    """``${her2lab.help_groups:<config>}`` and ``${her2lab.summary:<command>}`` (from ``summaries``)
+    for the help template."""
     from omegaconf import OmegaConf
 
-    from her2lab.cli import COMMANDS
-
     OmegaConf.register_new_resolver("her2lab.help_groups", groups_text, replace=True)
-    OmegaConf.register_new_resolver(
-        "her2lab.summary", lambda name: COMMANDS[name].summary if name in COMMANDS else "", replace=True
-    )
+    OmegaConf.register_new_resolver("her2lab.summary", lambda name: summaries.get(name, ""), replace=True)

@@ -26,7 +26,9 @@ LAYERS = [
     {"her2lab.lit"},
     {"her2lab.eval", "her2lab.explain"},
     {"her2lab.run"},
-    {"her2lab.prepare", "her2lab.extract", "her2lab.cv", "her2lab.compare"},  # python -m entry points
+    # the command line: the her2lab command, its --help, doctor, and the python -m entry points
+    {"her2lab.cli", "her2lab.help", "her2lab.doctor", "her2lab.__main__", "her2lab.prepare", "her2lab.extract",
+     "her2lab.cv", "her2lab.compare"},
 ]
 
 
