@@ -104,8 +104,37 @@ def run_task(name: str, argv: Sequence[str] | None = None, prog: str | None = No
     command = COMMANDS[name]
     if argv is not None:
         sys.argv = [prog or f"her2lab {name}", *argv]
+    args = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in args) and print_help(name, [a for a in args if a not in ("-h", "--help")]):
+        return None
     main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=command.config)(_TASKS[name])
     return main()
+
+
+def print_help(name: str, overrides: list[str]) -> bool:
+    """``--help`` of Hydra command ``name``: the template of ``conf/hydra/help/her2lab.yaml`` filled
+    with the config composed from ``overrides``. Hydra's own ``--help`` would also list every
+    config group of every command, which takes longer than the rest together (the template does
+    not show that list). False when this cannot answer (e.g. sweep or Hydra flags among the
+    overrides): Hydra's own ``--help`` then does."""
+    import string
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    if any(a.startswith("-") for a in overrides):
+        return False
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=name):
+            cfg = compose(config_name=COMMANDS[name].config, overrides=overrides, return_hydra_config=True)
+        template = cfg.hydra.help.template
+        with open_dict(cfg):
+            del cfg["hydra"]
+        text = string.Template(template).safe_substitute(CONFIG=OmegaConf.to_yaml(cfg))
+    except Exception:
+        return False
+    print(text)
+    return True
 
 
 def usage() -> str:

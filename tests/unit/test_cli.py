@@ -102,3 +102,18 @@ def test_doctor_command_exits_nonzero_on_a_failed_check(tmp_path):
     assert res.returncode == 1
     assert any(line.startswith("FAIL  slide") for line in res.stdout.splitlines())
     assert "checks: 1 failed" in res.stdout
+
+
+def test_fast_help_prints_what_hydras_own_help_prints():
+    """``--help`` is answered without Hydra's listing of every group; the text is Hydra's own."""
+    ours = subprocess.run([sys.executable, "-m", "her2lab", "train", "--help", "model=convnext", "data=thumbnail"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = ("import sys, hydra; from her2lab import CONF_DIR; from her2lab.cli import COMMANDS; "
+            "from her2lab.help import register_resolvers; "
+            "register_resolvers({c.name: c.summary for c in COMMANDS.values()}); "
+            "sys.argv = ['x', '--help', 'model=convnext', 'data=thumbnail']; "
+            "hydra.main(version_base='1.3', config_path=str(CONF_DIR), config_name='train')(lambda cfg: None)()")
+    theirs = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr[-1000:] + theirs.stderr[-1000:]
+    assert "ImageClassifierModule" in ours.stdout
+    assert ours.stdout == theirs.stdout
