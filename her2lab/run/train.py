@@ -22,6 +22,7 @@ from her2lab.data.inputs import Inputs, inputs_for
 from her2lab.errors import her2lab_cause
 from her2lab.eval.run_folder import write_config, write_failure, write_json, write_predictions
 from her2lab.io import ensure_writable_dir
+from her2lab.lit.history import ValidationHistory, selected_validation
 from her2lab.plots import confusion_png
 from her2lab.run.encoder import ensure_encoder, export_encoder
 from her2lab.run.explanations import explain_tested
@@ -72,7 +73,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     if resume:
         check_fits(module, ckpt["state_dict"], resume, "the configured model")
         del ckpt
-    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c] + [ValidationHistory()]
     loggers = instantiate_loggers(cfg)
     trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
     # fast_dev_run swaps the loggers for a dummy: the configured ones then log nothing (no W&B run)
@@ -96,7 +97,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
 
 
 def _test_selected(trainer: pl.Trainer, module: pl.LightningModule, dm: pl.LightningDataModule) -> dict:
-    """Test the best checkpoint (the last weights when there is none); the fit's and the test's metrics."""
+    """Test the best checkpoint (the last weights when there is none); the fit's and the test's metrics.
+
+    ``val/*`` are those of the tested checkpoint's epoch (``selected_epoch``); ``train/*`` are the
+    last epoch's."""
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     if trainer.fast_dev_run:  # Lightning saves no checkpoint in this mode
@@ -105,6 +109,11 @@ def _test_selected(trainer: pl.Trainer, module: pl.LightningModule, dm: pl.Light
     elif best is None:
         log.warning("no best checkpoint (no validation metric?): testing the last weights")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    # val/* of the selected epoch, not of the last one (a running best, *_best, stays as it ended)
+    history = next(c for c in trainer.callbacks if isinstance(c, ValidationHistory))
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("val/") or k.endswith("_best")}
+    selected = selected_validation(history, best, max(int(trainer.current_epoch) - 1, 0))
+    metrics.update({k: v for k, v in selected.items() if not k.endswith("_best")})
     with data_only():  # the best checkpoint may predate a resume (an earlier version's file)
         trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=True) if best else trainer.test(module, datamodule=dm)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
