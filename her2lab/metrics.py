@@ -143,7 +143,7 @@ register_metric("auroc", torchmetric=lambda k: MulticlassAUROC(k, average="macro
 
 
 def _class_counts(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """True positives, false positives and false negatives per class of the top-class predictions."""
+    """True positives, false positives and false negatives per class of the top predictions."""
     k = probs.shape[1]
     cm = np.bincount(np.asarray(y, dtype=int) * k + probs.argmax(1), minlength=k * k).reshape(k, k)
     tp = np.diag(cm)

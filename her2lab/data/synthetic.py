@@ -227,13 +227,14 @@ def generate_cohort(
 
 def _start_again(out_dir: Path, old: dict, new: dict, cache_dir: str | Path | None) -> None:
     """Remove a cohort folder's slides, masks and derived caches made with other parameters."""
-    changed = [f"{k}: {old.get(k, '(unset)')!r} → {new.get(k, '(unset)')!r}" for k in sorted({*old, *new})
-               if _plain(old.get(k)) != _plain(new.get(k))]
+    changed = [f"{k}: {old.get(k, '(unset)')!r} → {new.get(k, '(unset)')!r}"
+               for k in sorted({*old, *new}) if _plain(old.get(k)) != _plain(new.get(k))]
     removed = [d for d in DERIVED if (out_dir / d).is_dir()]
     removed += sorted({p.name for pattern in DERIVED_FILES for p in out_dir.glob(pattern)})
-    log.warning("synthetic cohort in %s was made with other parameters (%s): making it again; removed %s",
-                out_dir, ", ".join(changed) or "an earlier version's", "its slides and masks"
-                + (f" and the caches made from them ({', '.join(removed)})" if removed else ""))
+    made = f" and the caches made from them ({', '.join(removed)})" if removed else ""
+    log.warning("synthetic cohort in %s was made with other parameters (%s): making it again; "
+                "removed its slides and masks%s",
+                out_dir, ", ".join(changed) or "an earlier version's", made)
     for p in [*(out_dir / "slides").glob("*.tiff"), *(out_dir / "masks").glob("*.png")]:
         p.unlink()
     for d in DERIVED:
@@ -245,8 +246,9 @@ def _start_again(out_dir: Path, old: dict, new: dict, cache_dir: str | Path | No
     if cache_dir is not None and Path(cache_dir).resolve() != out_dir.resolve():
         stale = [d for d in DERIVED if (Path(cache_dir) / d).is_dir()]
         if stale:
-            log.warning("cohort cache folder %s holds %s made from the old slides; remove them (or set "
-                        "prepare.overwrite=true and extract.overwrite=true) before using it", cache_dir, ", ".join(stale))
+            log.warning("cohort cache folder %s holds %s made from the old slides; remove "
+                        "them (or set prepare.overwrite=true and extract.overwrite=true) before "
+                        "using it", cache_dir, ", ".join(stale))
 
 
 def _plain(v):

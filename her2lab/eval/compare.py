@@ -42,13 +42,17 @@ def cohorts_of(folder: Path) -> dict[str, str]:
     from omegaconf import OmegaConf
 
     folder = Path(folder)
-    configs = [folder / "config.yaml"] if (folder / "config.yaml").exists() else sorted(folder.glob("*/config.yaml"))
+    one = folder / "config.yaml"
+    configs = [one] if one.exists() else sorted(folder.glob("*/config.yaml"))
     out = {}
     for cfg in configs:
         cohort = OmegaConf.load(cfg).get("cohort") or {}
         name = str(cohort.get("name", "?"))
         syn = cohort.get("synthetic")
-        what = json.dumps(OmegaConf.to_container(syn), sort_keys=True) if syn else str(cohort.get("manifest", ""))
+        if syn:
+            what = json.dumps(OmegaConf.to_container(syn), sort_keys=True)
+        else:
+            what = str(cohort.get("manifest", ""))
         out[f"{name} {what}"] = name
     return out
 
@@ -63,11 +67,12 @@ def check_same_cohort(folders: list[Path], preds: list[pd.DataFrame]) -> None:
             continue
         both = sorted(set(preds[0].slide_id) & set(p.slide_id))
         if both:
+            names = [", ".join(sorted(set(c.values()))) for c in (ref, other)]
+            shown = ", ".join(both[:5]) + (", …" if len(both) > 5 else "")
             raise ManifestError(
-                f"{folders[0]} (cohort {', '.join(sorted(set(ref.values())))}) and {folder} (cohort "
-                f"{', '.join(sorted(set(other.values())))}) are different cohorts whose slide ids coincide "
-                f"({len(both)}: {', '.join(both[:5])}{', …' if len(both) > 5 else ''}); ids must name one slide: "
-                "give one cohort other ids (a synthetic cohort: cohort.synthetic.id_prefix)")
+                f"{folders[0]} (cohort {names[0]}) and {folder} (cohort {names[1]}) are different "
+                f"cohorts whose slide ids coincide ({len(both)}: {shown}); ids must name one "
+                "slide: give one cohort other ids (a synthetic cohort: cohort.synthetic.id_prefix)")
 
 
 def paired_auroc(a: pd.DataFrame, b: pd.DataFrame, n: int = 2000, seed: int = 0) -> dict:

@@ -83,10 +83,11 @@ def not_seen_in_training(run_dir: Path, ran_cohort: dict, cohort: DictConfig, ne
     clash = sorted(s for s, p in zip(new.slide_id, new.path, strict=True)
                    if s in paths and paths[s] != str(Path(p).resolve()))
     if clash:
+        shown = ", ".join(clash[:5]) + (", …" if len(clash) > 5 else "")
         raise ManifestError(
-            f"cohort {cohort.name} names other slides with the run's cohort's slide ids ({len(clash)}: "
-            f"{', '.join(clash[:5])}{', …' if len(clash) > 5 else ''}); ids must name one slide: rename them in "
-            "one manifest (a synthetic cohort: cohort.synthetic.id_prefix)")
+            f"cohort {cohort.name} names other slides with the run's cohort's slide ids "
+            f"({len(clash)}: {shown}); ids must name one slide: rename them in one manifest "
+            "(a synthetic cohort: cohort.synthetic.id_prefix)")
     shared = sorted(set(seen.patient_id) & set(new.patient_id.astype(str)))
     if shared:
         log.warning("cohort %s shares %d patient id(s) with the run's training/validation slides (%s): "

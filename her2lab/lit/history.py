@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class ValidationHistory(pl.Callback):
-    """``val/*`` of every validation run, one record per global step: ``{"epoch", "global_step", "metrics"}``.
+    """``val/*`` of every validation run, one record per global step:
+    ``{"epoch", "global_step", "metrics"}``.
 
     Its ``on_validation_end`` runs before any checkpoint callback's (Lightning runs those last),
     so a checkpoint saved at the end of a validation already holds that validation's record.
@@ -36,10 +37,12 @@ class ValidationHistory(pl.Callback):
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if values:
             step = int(trainer.global_step)
-            self.records[step] = {"epoch": int(trainer.current_epoch), "global_step": step, "metrics": values}
+            self.records[step] = {"epoch": int(trainer.current_epoch), "global_step": step,
+                                  "metrics": values}
 
     def state_dict(self) -> dict:
-        return {"records": [self.records[s] for s in sorted(self.records)]}  # plain data: weights-only loads
+        # plain data, so that checkpoints still load weights-only
+        return {"records": [self.records[s] for s in sorted(self.records)]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.records = {int(r["global_step"]): r for r in state_dict.get("records", [])}
@@ -63,7 +66,7 @@ def selected_validation(history: ValidationHistory, best_path: str | None, last_
     step, epoch = int(ckpt.get("global_step", -1)), int(ckpt.get("epoch", -1))
     rec = history.records.get(step)
     if rec is None:
-        log.warning("%s: no validation metrics recorded for its epoch %d (step %d); metrics.json reports none",
-                    best_path, epoch, step)
+        log.warning("%s: no validation metrics recorded for its epoch %d (step %d); "
+                    "metrics.json reports none", best_path, epoch, step)
         return {"selected_epoch": epoch}
     return {**rec["metrics"], "selected_epoch": rec["epoch"]}

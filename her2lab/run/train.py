@@ -73,7 +73,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     if resume:
         check_fits(module, ckpt["state_dict"], resume, "the configured model")
         del ckpt
-    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c] + [ValidationHistory()]
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks.append(ValidationHistory())  # the selected epoch's val/* for metrics.json
     loggers = instantiate_loggers(cfg)
     trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
     # fast_dev_run swaps the loggers for a dummy: the configured ones then log nothing (no W&B run)
@@ -97,10 +98,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
 
 
 def _test_selected(trainer: pl.Trainer, module: pl.LightningModule, dm: pl.LightningDataModule) -> dict:
-    """Test the best checkpoint (the last weights when there is none); the fit's and the test's metrics.
-
-    ``val/*`` are those of the tested checkpoint's epoch (``selected_epoch``); ``train/*`` are the
-    last epoch's."""
+    """Test the best checkpoint (the last weights when there is none); the fit's and the test's
+    metrics. ``val/*`` are those of the tested checkpoint's epoch (``selected_epoch``); ``train/*``
+    are the last epoch's."""
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     if trainer.fast_dev_run:  # Lightning saves no checkpoint in this mode

@@ -29,10 +29,12 @@ def _write_features(path: Path, feats: np.ndarray) -> None:
     """One slide's features file as her2lab's extraction lays it out."""
     with h5py.File(path, "w") as f:
         f.create_dataset("features", data=feats.astype(np.float16))
-        f.create_dataset("coords", data=np.stack([np.arange(len(feats)) * 64, np.zeros(len(feats), np.int64)], 1))
-        f.attrs.update({"slide_id": path.stem, "encoder": "resnet18", "encoder_source": "timm", "backbone": "hand",
-                        "encoder_weights": "random", "embed_dim": feats.shape[1], "input_px": 64,
-                        "target_mpp": 2.0, "patch_px": 64, "pooling": "model", "features_dtype": "float16"})
+        xs = np.arange(len(feats)) * 64
+        f.create_dataset("coords", data=np.stack([xs, np.zeros_like(xs)], 1))
+        f.attrs.update({"slide_id": path.stem, "encoder": "resnet18", "encoder_source": "timm",
+                        "backbone": "hand", "encoder_weights": "random",
+                        "embed_dim": feats.shape[1], "input_px": 64, "target_mpp": 2.0,
+                        "patch_px": 64, "pooling": "model", "features_dtype": "float16"})
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,8 @@ def features(tmp_path_factory) -> tuple[Path, Path]:
         for k, split in enumerate(("train", "train", "val", "test")):
             sid = f"s{c}{k}"
             _write_features(folder / f"{sid}.h5", rng.standard_normal((N_TILES, DIM)) + 0.3 * c)
-            rows.append({"slide_id": sid, "patient_id": f"p{c}{k}", "path": f"slides/{sid}.svs", "her2_score": score,
-                         "split": split})
+            rows.append({"slide_id": sid, "patient_id": f"p{c}{k}", "path": f"slides/{sid}.svs",
+                         "her2_score": score, "split": split})
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     return root / "manifest.csv", folder
 
@@ -83,7 +85,8 @@ def test_metrics_json_holds_the_selected_epochs_validation_metrics(features, tmp
     for k in shown:
         assert m[k] == pytest.approx(val.loc[best, k], abs=1e-6), k
     assert m["val/loss"] != pytest.approx(val.loc[3, "val/loss"], abs=1e-6)  # not the last epoch's
-    assert m["val/auroc_best"] == pytest.approx(val["val/auroc"].max(), abs=1e-6)  # the running best, as it ended
+    # the running best, as it ended
+    assert m["val/auroc_best"] == pytest.approx(val["val/auroc"].max(), abs=1e-6)
 
 
 def test_a_features_folder_of_another_size_trains_without_setting_embed_dim(features, tmp_path):

@@ -55,7 +55,8 @@ def test_metrics_match_scikit_learn_on_the_same_predictions(mil_run):
     assert metrics["test/auroc"] == pytest.approx(auroc, abs=1e-4)
     assert metrics["test/acc"] == pytest.approx(float((probs.argmax(1) == y).mean()), abs=1e-6)
     # torchmetrics' macro F1 averages the classes in the labels or the predictions
-    f1 = f1_score(y, probs.argmax(1), average="macro", labels=np.union1d(y, probs.argmax(1)), zero_division=0)
+    pred = probs.argmax(1)
+    f1 = f1_score(y, pred, average="macro", labels=np.union1d(y, pred), zero_division=0)
     assert metrics["test/f1"] == pytest.approx(f1, abs=1e-4)
 
 

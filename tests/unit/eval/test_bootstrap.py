@@ -47,7 +47,7 @@ def test_bootstrap_resamples_patients_not_slides():
 
 
 class _GivenProbs(ClassificationModule):
-    """A classifier whose batches are (log-probabilities, labels, indices): it outputs them as they are."""
+    """A classifier whose batches are (log-probabilities, labels, indices), output as they are."""
 
     def logits_of(self, batch):
         return batch
@@ -57,10 +57,12 @@ def _logged_test_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     """The ``test/*`` values training logs for predictions ``p`` (N, C) of labels ``y`` (N,)."""
     import pytorch_lightning as pl
 
-    module = _GivenProbs(nn.Identity(), num_classes=p.shape[1], optimizer=partial(torch.optim.SGD, lr=0.1))
-    data = TensorDataset(torch.log(torch.as_tensor(p, dtype=torch.float32)), torch.as_tensor(y), torch.arange(len(y)))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    module = _GivenProbs(nn.Identity(), num_classes=p.shape[1],
+                         optimizer=partial(torch.optim.SGD, lr=0.1))
+    logp = torch.log(torch.as_tensor(p, dtype=torch.float32))
+    data = TensorDataset(logp, torch.as_tensor(y), torch.arange(len(y)))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
     trainer.test(module, dataloaders=DataLoader(data, batch_size=7), verbose=False)
     return {k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -87,7 +89,7 @@ def test_the_point_estimate_of_every_metric_is_the_value_training_logs():
         logged = _logged_test_metrics(y, p)
         assert set(point.index) <= set(logged), what
         for m, v in point.items():
-            assert v == pytest.approx(logged[m], abs=1e-5), f"{m} on {what}: {v} vs training's {logged[m]}"
+            assert v == pytest.approx(logged[m], abs=1e-5), f"{m} on {what}: {v} vs {logged[m]}"
 
 
 def test_a_resample_without_a_class_does_not_score_it_zero():
