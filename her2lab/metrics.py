@@ -23,9 +23,7 @@ import numpy as np
 import torch
 from sklearn.metrics import (
     accuracy_score,
-    balanced_accuracy_score,
     cohen_kappa_score,
-    f1_score,
     roc_auc_score,
 )
 from torchmetrics import Metric, MetricCollection
@@ -144,10 +142,31 @@ def macro_auroc(y: np.ndarray, probs: np.ndarray) -> float:
 register_metric("auroc", torchmetric=lambda k: MulticlassAUROC(k, average="macro"), title="AUROC", summary=True)(macro_auroc)
 
 
+def _class_counts(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True positives, false positives and false negatives per class of the top predictions."""
+    k = probs.shape[1]
+    cm = np.bincount(np.asarray(y, dtype=int) * k + probs.argmax(1), minlength=k * k).reshape(k, k)
+    tp = np.diag(cm)
+    return tp, cm.sum(0) - tp, cm.sum(1) - tp
+
+
+def _macro(score: np.ndarray, tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> float:
+    """Mean of per-class ``score`` over the classes that occur in labels or predictions.
+
+    torchmetrics' macro average (``MulticlassF1Score``/``MulticlassAccuracy``, ``average="macro"``):
+    a class with no true positive, false positive or false negative — absent from both the labels
+    and the predictions — is left out; a class predicted but absent from the labels counts 0.
+    """
+    seen = (tp + fp + fn) > 0
+    return float(score[seen].mean()) if seen.any() else float("nan")
+
+
 @register_metric("f1", torchmetric=lambda k: MulticlassF1Score(k, average="macro"), title="F1", summary=True)
 def macro_f1(y: np.ndarray, probs: np.ndarray) -> float:
-    """Macro F1 of the top class over all classes (an absent class counts 0)."""
-    return float(f1_score(y, probs.argmax(1), average="macro", labels=list(range(probs.shape[1])), zero_division=0))
+    """Macro F1 of the top class over the classes in labels or predictions (torchmetrics' rule)."""
+    tp, fp, fn = _class_counts(y, probs)
+    denom = 2 * tp + fp + fn
+    return _macro(np.divide(2 * tp, denom, out=np.zeros(len(tp)), where=denom > 0), tp, fp, fn)
 
 
 @register_metric("acc", torchmetric=lambda k: MulticlassAccuracy(k, average="micro"), title="accuracy", summary=True)
@@ -158,8 +177,10 @@ def accuracy(y: np.ndarray, probs: np.ndarray) -> float:
 
 @register_metric("bacc", torchmetric=lambda k: MulticlassAccuracy(k, average="macro"), title="balanced accuracy")
 def balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
-    """Mean per-class recall; NaN when ``y`` holds one class only."""
-    return float(balanced_accuracy_score(y, probs.argmax(1))) if len(np.unique(y)) > 1 else float("nan")
+    """Mean per-class recall over the classes in labels or predictions (torchmetrics' rule: a
+    class predicted but absent from the labels counts 0)."""
+    tp, fp, fn = _class_counts(y, probs)
+    return _macro(np.divide(tp, tp + fn, out=np.zeros(len(tp)), where=(tp + fn) > 0), tp, fp, fn)
 
 
 @register_metric("qwk", torchmetric=lambda k: MulticlassCohenKappa(k, weights="quadratic"), title="QWK")

@@ -31,7 +31,8 @@ def resolve_cohort(cohort: DictConfig, num_workers: int = 1, allow_unlabelled: b
         except (TypeError, ValueError) as exc:  # unknown keys, impossible sizes, unsafe id_prefix
             raise Her2labError(f"cohort.synthetic: {str(exc).splitlines()[0]}; fix the cohort config") from None
         root = ensure_writable_dir(cohort.root, "demo cohort folder")
-        manifest = generate_cohort(root, syn, num_workers=num_workers)
+        manifest = generate_cohort(root, syn, num_workers=num_workers,
+                                   cache_dir=cohort.get("cache_dir"))
         log.info(
             "synthetic cohort %s: %d %s slides in %s", cohort.name, syn.n_slides, syn.stain, root
         )

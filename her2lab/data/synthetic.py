@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,14 +155,28 @@ def cohort_table(cfg: SyntheticConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+#: What a cohort folder holds that was made from its slides (her2lab's caches, see
+#: slides/prepare.py and embed/cohort.py): removed when the slides are made again.
+DERIVED = ("tiles", "thumbs", "qc", "outlines", "features")
+DERIVED_FILES = ("prepare_report*.csv", "failures*.csv")
+
+
 def generate_cohort(
-    out_dir: str | Path, cfg: SyntheticConfig | None = None, num_workers: int = 2
+    out_dir: str | Path, cfg: SyntheticConfig | None = None, num_workers: int = 2,
+    cache_dir: str | Path | None = None,
 ) -> Path:
     """Write slides, masks and ``manifest.csv`` under ``out_dir``; return the manifest path.
 
     Idempotent: slides already written with the same parameters are kept, so an interrupted
     generation resumes where it stopped. A slide is done when its TIFF and its three masks
     exist; the TIFF is written last, so a slide whose masks are missing is made again whole.
+
+    A folder made with other parameters (``cohort.json``) is made again whole, with a warning
+    naming what changed: its slides, masks and the caches made from them in ``out_dir`` (tiles,
+    thumbnails, QC, outlines, features, reports) are removed first, so nothing made from the old
+    slides is read as if it were made from the new ones (a tiles file is keyed by slide id, and
+    the same id may now name another slide). ``cache_dir``: the cohort's cache folder when it is
+    not ``out_dir``; its caches are not removed (it may be shared), only reported.
     """
     cfg = cfg or SyntheticConfig()
     out_dir = Path(out_dir)
@@ -175,9 +190,7 @@ def generate_cohort(
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
         if old.get("param_hash") != h:
-            # Other parameters: regenerate everything rather than mixing two cohorts.
-            for p in [*(out_dir / "slides").glob("*.tiff"), *(out_dir / "masks").glob("*.png")]:
-                p.unlink()
+            _start_again(out_dir, old.get("params") or {}, params, cache_dir)
     with atomic_path(meta_path) as tmp:
         tmp.write_text(json.dumps({"param_hash": h, "params": params}, indent=2, default=list))
 
@@ -210,6 +223,36 @@ def generate_cohort(
     with atomic_path(manifest_path) as tmp:
         manifest.to_csv(tmp, index=False)
     return manifest_path
+
+
+def _start_again(out_dir: Path, old: dict, new: dict, cache_dir: str | Path | None) -> None:
+    """Remove a cohort folder's slides, masks and derived caches made with other parameters."""
+    changed = [f"{k}: {old.get(k, '(unset)')!r} → {new.get(k, '(unset)')!r}"
+               for k in sorted({*old, *new}) if _plain(old.get(k)) != _plain(new.get(k))]
+    removed = [d for d in DERIVED if (out_dir / d).is_dir()]
+    removed += sorted({p.name for pattern in DERIVED_FILES for p in out_dir.glob(pattern)})
+    made = f" and the caches made from them ({', '.join(removed)})" if removed else ""
+    log.warning("synthetic cohort in %s was made with other parameters (%s): making it again; "
+                "removed its slides and masks%s",
+                out_dir, ", ".join(changed) or "an earlier version's", made)
+    for p in [*(out_dir / "slides").glob("*.tiff"), *(out_dir / "masks").glob("*.png")]:
+        p.unlink()
+    for d in DERIVED:
+        if (out_dir / d).is_dir():
+            shutil.rmtree(out_dir / d)
+    for pattern in DERIVED_FILES:
+        for p in out_dir.glob(pattern):
+            p.unlink()
+    if cache_dir is not None and Path(cache_dir).resolve() != out_dir.resolve():
+        stale = [d for d in DERIVED if (Path(cache_dir) / d).is_dir()]
+        if stale:
+            log.warning("cohort cache folder %s holds %s made from the old slides; remove "
+                        "them (or set prepare.overwrite=true and extract.overwrite=true) before "
+                        "using it", cache_dir, ", ".join(stale))
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple | list) else v
 
 
 MASK_NAMES = ("tissue", "tumour", "positive")

@@ -2,8 +2,11 @@
 
 Slides of one patient are not independent, so the bootstrap draws *patients* with replacement
 and keeps all their slides (the cluster bootstrap). The interval is the percentile interval of
-the resampled metric. A resample that lacks a class cannot give that class's AUROC; macro AUROC
-averages the classes present, as the training metrics do.
+the resampled metric. Every metric follows the training metrics' (torchmetrics') convention, so the
+point estimate is the value training logs on the same predictions: a resample that lacks a class
+cannot give that class's AUROC, and macro AUROC averages the classes present; macro F1 and
+balanced accuracy average the classes that occur in the labels or the predictions (a class
+neither drawn nor predicted is left out, not scored 0).
 """
 
 from __future__ import annotations

@@ -4,19 +4,21 @@ Each experiment is a run folder or a sweep folder (its finished fold runs pooled
 slide once). The table gives each one's pooled macro AUROC, F1 and accuracy with 95 % patient
 bootstrap intervals; each experiment after the first is compared with the first on the slides
 both predicted: the AUROC difference with its paired bootstrap interval (the same patients
-drawn for both) and a two-sided bootstrap p-value.
+drawn for both) and a two-sided bootstrap p-value. Experiments trained on different cohorts whose
+slide ids coincide are refused (the ids would pair different slides).
 
     python -m her2lab.compare <reference dir> <other dir> [...] [--out DIR] [--n-boot 2000]
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from her2lab.errors import Her2labError
+from her2lab.errors import Her2labError, ManifestError
 from her2lab.eval.bootstrap import macro_auroc, patient_bootstrap, patient_resamples
 from her2lab.eval.cv import out_of_fold
 from her2lab.metrics import summary_metrics
@@ -31,6 +33,46 @@ def predictions_of(folder: Path) -> pd.DataFrame:
     if not runs:
         raise Her2labError(f"{folder}: no predictions.csv in it or in its job folders")
     return out_of_fold(runs)
+
+
+def cohorts_of(folder: Path) -> dict[str, str]:
+    """The cohort(s) a run or sweep folder's runs were trained on: ``{identity: name}``, from each
+    run's ``config.yaml`` (a synthetic cohort is its name and generator settings; any other its
+    name and manifest). Empty when no run has its config."""
+    from omegaconf import OmegaConf
+
+    folder = Path(folder)
+    one = folder / "config.yaml"
+    configs = [one] if one.exists() else sorted(folder.glob("*/config.yaml"))
+    out = {}
+    for cfg in configs:
+        cohort = OmegaConf.load(cfg).get("cohort") or {}
+        name = str(cohort.get("name", "?"))
+        syn = cohort.get("synthetic")
+        if syn:
+            what = json.dumps(OmegaConf.to_container(syn), sort_keys=True)
+        else:
+            what = str(cohort.get("manifest", ""))
+        out[f"{name} {what}"] = name
+    return out
+
+
+def check_same_cohort(folders: list[Path], preds: list[pd.DataFrame]) -> None:
+    """Experiments of different cohorts whose slide ids coincide would be paired slide by slide as
+    if they were the same slides: a one-line error naming the ids."""
+    ref = cohorts_of(folders[0])
+    for folder, p in zip(folders[1:], preds[1:], strict=True):
+        other = cohorts_of(folder)
+        if not ref or not other or set(ref) == set(other):
+            continue
+        both = sorted(set(preds[0].slide_id) & set(p.slide_id))
+        if both:
+            names = [", ".join(sorted(set(c.values()))) for c in (ref, other)]
+            shown = ", ".join(both[:5]) + (", …" if len(both) > 5 else "")
+            raise ManifestError(
+                f"{folders[0]} (cohort {names[0]}) and {folder} (cohort {names[1]}) are different "
+                f"cohorts whose slide ids coincide ({len(both)}: {shown}); ids must name one "
+                "slide: give one cohort other ids (a synthetic cohort: cohort.synthetic.id_prefix)")
 
 
 def paired_auroc(a: pd.DataFrame, b: pd.DataFrame, n: int = 2000, seed: int = 0) -> dict:
@@ -71,6 +113,7 @@ def compare(folders: list[Path], n_boot: int = 2000, seed: int = 0) -> pd.DataFr
     if len(folders) < 2:
         raise Her2labError("give at least two experiments to compare (the first is the reference)")
     preds = [predictions_of(f) for f in folders]
+    check_same_cohort([Path(f) for f in folders], preds)
     rows = []
     for i, (folder, p) in enumerate(zip(folders, preds, strict=True)):
         ci = patient_bootstrap(p, n=n_boot, seed=seed).set_index("metric")

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from her2lab.data.cohort import load_manifest
 from her2lab.data.inputs import inputs_for
-from her2lab.errors import Her2labError
+from her2lab.errors import Her2labError, ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ def use_new_cohort(cfg: DictConfig, rcfg: DictConfig) -> dict:
 
 def not_seen_in_training(run_dir: Path, ran_cohort: dict, cohort: DictConfig, new: pd.DataFrame) -> None:
     """An external cohort holding slides the run trained or validated on would report optimistic
-    numbers: an error. Shared patient ids (may be a coincidence of numbering) are a warning."""
+    numbers: an error. So is a slide id of the run's cohort naming another slide in the new one (the
+    two cohorts' outputs could not be told apart). Shared patient ids (the same patients, e.g. the
+    other stain's twin, or a coincidence of numbering) are a warning."""
     ran = run_dir / "splits.csv"
     if not ran.exists() or not Path(str(ran_cohort["manifest"])).is_file():
         log.warning("%s: no splits.csv or manifest; cannot check that cohort %s is new to the run", run_dir, cohort.name)
@@ -77,6 +79,15 @@ def not_seen_in_training(run_dir: Path, ran_cohort: dict, cohort: DictConfig, ne
     if both:
         raise Her2labError(f"cohort {cohort.name} holds {len(both)} slide(s) the run trained or validated on "
                            f"({', '.join(both[:5])}); an external cohort must be new to the model")
+    paths = dict(zip(old.slide_id, (str(Path(p).resolve()) for p in old.path), strict=True))
+    clash = sorted(s for s, p in zip(new.slide_id, new.path, strict=True)
+                   if s in paths and paths[s] != str(Path(p).resolve()))
+    if clash:
+        shown = ", ".join(clash[:5]) + (", …" if len(clash) > 5 else "")
+        raise ManifestError(
+            f"cohort {cohort.name} names other slides with the run's cohort's slide ids "
+            f"({len(clash)}: {shown}); ids must name one slide: rename them in one manifest "
+            "(a synthetic cohort: cohort.synthetic.id_prefix)")
     shared = sorted(set(seen.patient_id) & set(new.patient_id.astype(str)))
     if shared:
         log.warning("cohort %s shares %d patient id(s) with the run's training/validation slides (%s): "

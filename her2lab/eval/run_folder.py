@@ -2,8 +2,9 @@
 
 A training run's folder holds ``config.yaml`` (the resolved config), ``splits.csv``,
 ``features.json`` (bags: what made the features), ``checkpoints/``, ``metrics.json`` (with
-``best_checkpoint``), ``predictions.csv`` (one row per tested slide: ``slide_id, label,
-label_index, p_<class>…, pred, fold``), ``confusion_matrix.png`` and, for a failed run,
+``best_checkpoint``, ``selected_epoch`` and that epoch's ``val/*``), ``predictions.csv`` (one
+row per tested slide: ``slide_id, label, label_index, p_<class>…, pred, fold``),
+``confusion_matrix.png`` and, for a failed run,
 ``failed.txt`` (its one-line error, read by the sweep summary). An evaluation writes the same
 prediction and metrics files under ``<run>/eval/<split>-<time>/``.
 """

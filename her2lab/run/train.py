@@ -23,6 +23,7 @@ from her2lab.errors import her2lab_cause
 from her2lab.eval.run_folder import write_config, write_failure, write_json, write_predictions
 from her2lab.io import ensure_writable_dir
 from her2lab.lit.epoch_log import EpochLog
+from her2lab.lit.history import ValidationHistory, selected_validation
 from her2lab.lit.noise import quiet_third_party
 from her2lab.plots import confusion_png
 from her2lab.progress import on_terminal
@@ -79,6 +80,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not any(isinstance(c, EpochLog) for c in callbacks):  # every epoch's metrics in the log file
         callbacks.append(EpochLog())
+    callbacks.append(ValidationHistory())  # the selected epoch's val/* for metrics.json
     loggers = instantiate_loggers(cfg)
     trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                 default_root_dir=str(run_dir), **_progress_bar_default(cfg.trainer))
@@ -103,7 +105,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
 
 
 def _test_selected(trainer: pl.Trainer, module: pl.LightningModule, dm: pl.LightningDataModule) -> dict:
-    """Test the best checkpoint (the last weights when there is none); the fit's and the test's metrics."""
+    """Test the best checkpoint (the last weights when there is none); the fit's and the test's
+    metrics. ``val/*`` are those of the tested checkpoint's epoch (``selected_epoch``); ``train/*``
+    are the last epoch's."""
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     if trainer.fast_dev_run:  # Lightning saves no checkpoint in this mode
@@ -112,6 +116,11 @@ def _test_selected(trainer: pl.Trainer, module: pl.LightningModule, dm: pl.Light
     elif best is None:
         log.warning("no best checkpoint (no validation metric?): testing the last weights")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    # val/* of the selected epoch, not of the last one (a running best, *_best, stays as it ended)
+    history = next(c for c in trainer.callbacks if isinstance(c, ValidationHistory))
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("val/") or k.endswith("_best")}
+    selected = selected_validation(history, best, max(int(trainer.current_epoch) - 1, 0))
+    metrics.update({k: v for k, v in selected.items() if not k.endswith("_best")})
     with data_only():  # the best checkpoint may predate a resume (an earlier version's file)
         # Lightning's table of the test metrics on a terminal; EpochLog logs them as one line
         ckpt_args = {"ckpt_path": best, "weights_only": True} if best else {}

@@ -93,6 +93,13 @@ def test_resume_from_checkpoint_continues_where_it_stopped(cohort, tmp_path):
     # the resumed run trained epochs 2 and 3 only
     log = pd.read_csv(tmp_path / "resumed" / "csv" / "version_0" / "metrics.csv")
     assert set(log.epoch[log["train/loss"].notna()].astype(int)) == {2, 3}
+    # the validation metrics of the selected epoch, even one from before the resume
+    before = pd.read_csv(tmp_path / "half" / "csv" / "version_0" / "metrics.csv")
+    val = pd.concat([before, log]).dropna(subset=["val/auroc"])
+    val = val.drop_duplicates("epoch", keep="last").set_index("epoch")
+    assert sorted(val.index.astype(int)) == [0, 1, 2, 3]
+    assert m["val/auroc"] == pytest.approx(val.loc[m["selected_epoch"], "val/auroc"], abs=1e-6)
+    assert m["val/loss"] == pytest.approx(val.loc[m["selected_epoch"], "val/loss"], abs=1e-6)
 
 
 def test_ordinal_head_trains_and_predicts_probabilities(cohort, tmp_path):

@@ -240,3 +240,59 @@ def test_the_demo_ultralow_cohort_has_five_balanced_classes():
     t = cohort_table(cfg)
     assert cfg.stain == "ihc" and t.slide_id.str.startswith("ul_").all() and t.patient_id.str.startswith("ul_").all()
     assert pd.Series(list(zip(t.her2_score, t.her2_ultralow, strict=True))).value_counts().tolist() == [8] * 5
+
+
+# --- every synthetic cohort has ids of its own -------------------------------------------------
+def test_no_two_synthetic_cohorts_name_different_cases_alike():
+    from omegaconf import OmegaConf
+
+    from her2lab import CONF_DIR
+    from tests.helpers import compose_config
+
+    names = sorted(p.stem for p in (CONF_DIR / "cohort").glob("[!_]*.yaml") if p.stem != "custom")
+    tables = {}
+    for name in names:
+        cohort = compose_config("prepare", [f"cohort={name}", "paths.data_dir=/d"]).cohort
+        cfg = SyntheticConfig(**OmegaConf.to_container(cohort.synthetic, resolve=True))
+        tables[name] = (cfg, cohort_table(cfg))
+    builtin = {"demo", "demo_ihc", "demo_external", "demo_ihc_ultralow", "pretrain_hne",
+               "pretrain_ihc"}
+    assert builtin <= set(tables)
+    demo = tables["demo"][1]
+    assert demo.slide_id[0] == "demo_case000_hne" and demo.patient_id[0] == "demo_P000"
+    assert tables["pretrain_hne"][1].slide_id[0] == "pretrain_case000_hne"
+    for a in names:
+        for b in names:
+            if a >= b:
+                continue
+            (ca, ta), (cb, tb) = tables[a], tables[b]
+            assert not set(ta.slide_id) & set(tb.slide_id), (a, b)
+            same_cases = (ca.seed, ca.n_slides, ca.n_pairs) == (cb.seed, cb.n_slides, cb.n_pairs)
+            shared = set(ta.patient_id) & set(tb.patient_id)
+            # twins (one set of cases in two stains) share their patients; no one else shares any
+            assert shared == (set(ta.patient_id) if same_cases else set()), (a, b)
+
+
+def test_a_cohort_made_again_with_other_ids_leaves_nothing_of_the_old_one(tmp_path, caplog):
+    manifest, _ = _tiny_cohort(tmp_path, n=2)
+    old_ids = list(pd.read_csv(manifest).slide_id)
+    for d in ("tiles/t", "features/t/b", "thumbs/8mpp"):  # caches made from the old slides
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / f"{old_ids[0]}.h5").write_bytes(b"old")
+    (tmp_path / "prepare_report.csv").write_text("slide_id\n")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "tiles").mkdir(parents=True)
+    manifest, _ = _tiny_cohort(tmp_path, n=2, id_prefix="new_")
+    new_ids = list(pd.read_csv(manifest).slide_id)
+    assert new_ids == [f"new_{s}" for s in old_ids]
+    left = {p.relative_to(tmp_path).as_posix() for p in _files(tmp_path)}
+    left -= {"cohort.json", "manifest.csv"}
+    assert left == {f"{d}/{s}{ext}" for s in new_ids for d, ext in [("slides", ".tiff")]} | {
+        f"masks/{s}_{m}.png" for s in new_ids for m in ("tissue", "tumour", "positive")}
+    assert "made with other parameters (id_prefix: '' → 'new_')" in caplog.text
+    assert "tiles" in caplog.text and "features" in caplog.text
+    # a cache folder elsewhere is not removed, only reported
+    again = SyntheticConfig(n_slides=2, n_pairs=0, seed=6, id_prefix="new_", **TINY)
+    generate_cohort(tmp_path, again, num_workers=1, cache_dir=elsewhere)
+    assert (elsewhere / "tiles").is_dir()
+    assert f"{elsewhere} holds tiles made from the old slides" in caplog.text

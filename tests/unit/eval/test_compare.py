@@ -38,3 +38,28 @@ def test_compare_finds_a_real_difference_and_none_between_twins(tmp_path):
         pd.read_csv(other / f).assign(slide_id=lambda d: "x" + d.slide_id).to_csv(other / f, index=False)
     with pytest.raises(Her2labError, match="share no test slide"):
         compare([a, other], n_boot=10)
+
+
+def test_runs_of_different_cohorts_whose_slide_ids_coincide_are_not_paired(tmp_path):
+    from omegaconf import OmegaConf
+
+    from her2lab.errors import ManifestError
+    from her2lab.eval.compare import compare
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 12)
+    patients = [f"P{i}" for i in range(12)]
+    runs = {}
+    for name, seed in [("demo", 0), ("demo_again", 0), ("pretrain_hne", 1000)]:
+        run = _run(tmp_path / name, y, rng.random(12), patients)
+        cohort = {"name": "demo" if name == "demo_again" else name,
+                  "manifest": f"/data/{name}/m.csv", "synthetic": {"seed": seed, "id_prefix": ""}}
+        OmegaConf.save(OmegaConf.create({"task_name": name, "cohort": cohort}), run / "config.yaml")
+        runs[name] = run
+    # one cohort, in another data folder
+    assert len(compare([runs["demo"], runs["demo_again"]], n_boot=5)) == 2
+    want = (r"\(cohort demo\) and .*pretrain_hne \(cohort pretrain_hne\) are different cohorts "
+            r"whose slide ids coincide \(12: s0, s1, s10, s11, s2, …\)")
+    with pytest.raises(ManifestError, match=want) as err:
+        compare([runs["demo"], runs["pretrain_hne"]], n_boot=5)
+    assert "\n" not in str(err.value) and "cohort.synthetic.id_prefix" in str(err.value)
