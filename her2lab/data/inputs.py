@@ -66,7 +66,8 @@ class Inputs:
     # -- shared steps -------------------------------------------------------------------------
 
     def split_cohort(self, run_dir: Path) -> pd.DataFrame:
-        """Manifest with ``label`` and ``split`` columns (patient-grouped folds), saved to the run.
+        """Manifest with ``label`` and ``split`` columns (``data.cv_protocol``: patient-grouped
+        folds by default, or the study's protocol; :mod:`her2lab.data.splits`), saved to the run.
 
         ``external_cohort=true`` (evaluation on a new cohort): every slide is in the ``test`` split.
         """
@@ -77,7 +78,9 @@ class Inputs:
         if cfg.get("external_cohort"):
             split = pd.Series("test", index=manifest.index)
         else:
-            split = split_for_fold(manifest, labels, int(cfg.fold), int(cfg.data.n_folds), int(cfg.seed))
+            split = split_for_fold(manifest, labels, int(cfg.fold), int(cfg.data.n_folds), int(cfg.seed),
+                                   str(cfg.data.get("cv_protocol") or "patient_grouped"),
+                                   float(cfg.data.get("test_fraction") or 0.2))
         save_splits(run_dir / "splits.csv", manifest, labels, split)
         return manifest.assign(label=labels.values, split=split.values)
 
