@@ -126,6 +126,14 @@ class Inputs:
         return dict(zip(failed.slide_id, failed.error.astype(str), strict=True))
 
 
+def bag_sampling(cfg: DictConfig) -> dict | None:
+    """``eval.bag_sampling`` when enabled (n_bags, bag_size, seed), else None."""
+    node = (cfg.get("eval") or {}).get("bag_sampling") or {}
+    if not node.get("enabled", False):
+        return None
+    return {k: int(node.get(k, default)) for k, default in (("n_bags", 1600), ("bag_size", 100), ("seed", 123))}
+
+
 def first_record(splits: dict[str, list]):
     """The first record of the first non-empty split."""
     return next(recs[0] for recs in splits.values() if recs)
@@ -174,7 +182,7 @@ class BagInputs(Inputs):
             with open_dict(cfg):
                 cfg.backbone.embed_dim = dim
         return build(cfg.data.module, splits=splits, embed_dim=cfg.backbone.embed_dim,
-                     nonfinite=cfg.data.get("nonfinite", "error"))
+                     nonfinite=cfg.data.get("nonfinite", "error"), test_bags=bag_sampling(cfg))
 
 
 class PatchInputs(Inputs):
@@ -233,13 +241,17 @@ def inputs_for(cfg: DictConfig) -> Inputs:
         kind = cfg.data.get("kind")
         if kind not in _BY_KIND:
             raise Her2labError(f"data: no _target_ and data.kind={kind!r} is not known; use one of {', '.join(_BY_KIND)}")
-        return _BY_KIND[kind](cfg)
-    try:
-        cls = get_class(str(target))
-    except Exception:
-        raise Her2labError(f"data._target_={target!r}: no such class") from None
-    if not (isinstance(cls, type) and issubclass(cls, Inputs)):
-        raise Her2labError(f"data._target_={target!r} is not an her2lab.data.inputs.Inputs subclass")
+        cls = _BY_KIND[kind]
+    else:
+        try:
+            cls = get_class(str(target))
+        except Exception:
+            raise Her2labError(f"data._target_={target!r}: no such class") from None
+        if not (isinstance(cls, type) and issubclass(cls, Inputs)):
+            raise Her2labError(f"data._target_={target!r} is not an her2lab.data.inputs.Inputs subclass")
+    if bag_sampling(cfg) and not issubclass(cls, BagInputs):
+        raise Her2labError(f"eval.bag_sampling.enabled=true scores bags of tile embeddings (data=bags), not "
+                           f"{cls.__name__}; set eval.bag_sampling.enabled=false")
     return cls(cfg)
 
 

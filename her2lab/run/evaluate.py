@@ -76,6 +76,8 @@ def run_evaluation(cfg: DictConfig) -> Evaluation:
     with open_dict(rcfg):
         rcfg.paths.output_dir = str(out)
         rcfg.auto_pretrain = False
+        if cfg.get("bag_sampling") is not None:  # eval.py's own setting wins over the run's
+            rcfg.eval = OmegaConf.merge(rcfg.get("eval") or {}, {"bag_sampling": cfg.bag_sampling})
         if external and cfg.get("missing_slides"):  # unreadable new slides: listed and left out, the rest scored
             rcfg.data.missing_slides = str(cfg.missing_slides)
     if external:  # before any slide work: the new cohort must be new to the model
@@ -100,7 +102,8 @@ def run_evaluation(cfg: DictConfig) -> Evaluation:
     module.load_state_dict(state)
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.test(module, dataloaders=dm._eval(ds))
+    # the test split as training scored it (eval.bag_sampling: random bags per slide, averaged)
+    trainer.test(module, dataloaders=dm.test_dataloader() if ds == "test" else dm._eval(ds))
     metrics = {k.replace("test/", f"{split}/", 1): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     metrics[f"{split}/confusion_matrix"] = module.confusion.compute().tolist()
     metrics.update({"checkpoint": str(ckpt), "run_dir": str(run_dir), "split": split, "cohort": str(rcfg.cohort.name),
