@@ -29,7 +29,7 @@ from her2lab.config import build
 from her2lab.data.bags import BagRecord
 from her2lab.data.cohort_config import resolve_cohort
 from her2lab.data.labels import label_scheme
-from her2lab.data.patches import SlideRecord
+from her2lab.data.patches import NORM_TILES_PER_SLIDE, SlideRecord, folder_stats, tile_stats
 from her2lab.data.splits import save_splits, split_for_fold
 from her2lab.data.thumbnails import ThumbRecord
 from her2lab.embed.backbones import build_encoder
@@ -126,6 +126,15 @@ class Inputs:
         return dict(zip(failed.slide_id, failed.error.astype(str), strict=True))
 
 
+def _set_normalisation(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, ...], source: str) -> None:
+    """``backbone.mean``/``std`` (null in the preset) set to the statistics of the run's own
+    training data: the config, and so an exported encoder, records them."""
+    with open_dict(cfg):
+        cfg.backbone.mean = [round(v, 6) for v in mean]
+        cfg.backbone.std = [round(v, 6) for v in std]
+    log.info("backbone.mean=%s backbone.std=%s: from %s", list(cfg.backbone.mean), list(cfg.backbone.std), source)
+
+
 def bag_sampling(cfg: DictConfig) -> dict | None:
     """``eval.bag_sampling`` when enabled (n_bags, bag_size, seed), else None."""
     node = (cfg.get("eval") or {}).get("bag_sampling") or {}
@@ -157,6 +166,9 @@ class BagInputs(Inputs):
             missing = {s: "no features file" for s in table.slide_id if not (folder / f"{s}.h5").exists()}
         else:
             encoder = build_encoder(backbone_spec(cfg.backbone))
+            if cfg.backbone.get("mean") is None:  # stored with the weights: the run's config says what they were
+                with open_dict(cfg):
+                    cfg.backbone.mean, cfg.backbone.std = list(encoder.spec.mean), list(encoder.spec.std)
             report = embed_manifest(cfg, table, encoder)
             folder = cohort_features_dir(cfg)
             failed = report[report.status == "failed"]
@@ -200,6 +212,9 @@ class PatchInputs(Inputs):
         table = table[~table.slide_id.isin(failed)]
         splits = self.by_split(table, lambda r: SlideRecord(r.slide_id, r.path, str(prep.tiles_path(r.slide_id)),
                                                             int(r.label), None if pd.isna(r.mpp) else float(r.mpp)))
+        if bb.get("mean") is None:  # the training tiles' own mean/std, kept in the config (and the exported encoder)
+            _set_normalisation(cfg, *tile_stats(splits["train"], seed=int(cfg.seed)),
+                               f"{NORM_TILES_PER_SLIDE} tiles of each of {len(splits['train'])} training slides")
         return build(cfg.data.module, splits=splits, mean=list(bb.mean), std=list(bb.std))
 
 
@@ -211,6 +226,9 @@ class PatchFolderInputs(Inputs):
     def datamodule(self, run_dir: Path) -> pl.LightningDataModule:
         cfg = self.cfg
         bb = cfg.backbone
+        if bb.get("mean") is None:  # the training images' own mean/std, as for slide tiles
+            _set_normalisation(cfg, *folder_stats(cfg.data.module.root, int(bb.input_px), seed=int(cfg.seed)),
+                               f"the training images of {cfg.data.module.root}")
         return build(cfg.data.module, input_px=bb.input_px, mean=list(bb.mean), std=list(bb.std),
                      num_classes=cfg.labels.num_classes)
 

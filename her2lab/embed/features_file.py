@@ -11,7 +11,8 @@ Two lists of attributes say what a file is:
 - :data:`ENCODER_KEYS`: the encoder, its weights and the tile geometry. Features of two cohorts
   fit one model only if these agree (evaluation on a new cohort checks them).
 - :data:`IDENTITY_KEYS`: those plus the storage dtype and the tiles file's hash. A file whose
-  identity differs from what extraction would write now is stale.
+  identity differs from what extraction would write now is stale; so is one whose ``transform``
+  (the encoder's normalisation mean/std) differs, compared beside the hash.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def check_features_file(path: Path, want: dict, overwrite: bool = False) -> bool
         return False  # unreadable (e.g. killed mid-write by another tool): rebuild
     if not ok:
         return False
-    if have.get("param_hash") == want["param_hash"]:
+    # the normalisation (transform) is compared beside the hash: a changed backbone.mean/std with
+    # the same weights is stale too, and files of the same normalisation keep their hash
+    same_transform = have.get("transform", want.get("transform")) == want.get("transform")
+    if have.get("param_hash") == want["param_hash"] and same_transform:
         return True
     if overwrite:
         return False
@@ -106,6 +110,8 @@ def check_features_file(path: Path, want: dict, overwrite: bool = False) -> bool
         )
     diffs = [f"{k}={have.get(k, KEY_DEFAULTS.get(k))!r} (now {want[k]!r})" for k in IDENTITY_KEYS
              if have.get(k, KEY_DEFAULTS.get(k)) != want[k]]
+    if not same_transform:
+        diffs.append(f"transform={have['transform']!r} (now {want['transform']!r})")
     raise StaleCacheError(f"{path}: made with {', '.join(diffs)}; set extract.overwrite=true or use another backbone name")
 
 
@@ -193,11 +199,11 @@ def read_features(
 
 
 def features_identity(path: str | Path) -> dict:
-    """What made a features file: the encoder and its weights, the tile geometry (her2lab files),
-    and the feature size (any file). Two cohorts fit one model only if these agree."""
+    """What made a features file: the encoder and its weights, its normalisation, the tile
+    geometry (her2lab files), and the feature size (any file). Two cohorts fit one model only if these agree."""
     try:
         with h5py.File(path, "r") as f:
-            ident = {k: f.attrs[k] for k in ENCODER_KEYS if k in f.attrs}
+            ident = {k: f.attrs[k] for k in (*ENCODER_KEYS, "transform") if k in f.attrs}
             ident["dim"] = int(f["features"].shape[-1])
     except (OSError, KeyError) as exc:
         raise Her2labError(f"{path}: not a features file ({type(exc).__name__}); re-run extraction") from None

@@ -1,3 +1,4 @@
+import json
 import resource
 import signal
 from pathlib import Path
@@ -216,3 +217,25 @@ def test_peer_features_file_in_the_features_folder_is_named_not_mistaken(slides,
         extract_cohort([good], _encoder(), out)
     msg = str(err.value)
     assert "\n" not in msg and "good.h5" in msg and "not made by her2lab" in msg and "extract.overwrite=true" in msg
+
+
+def test_the_normalisation_stored_with_an_encoder_is_used_and_a_change_is_stale(prepared, tmp_path):
+    from her2lab.embed.backbones import create_model, save_encoder
+
+    items, _ = prepared
+    mean, std = (0.7, 0.5, 0.65), (0.2, 0.25, 0.18)  # the pretraining tiles' own statistics
+    torch.manual_seed(0)
+    path = save_encoder(create_model(_spec()), _spec(mean=mean, std=std), tmp_path / "enc.safetensors")
+    enc = build_encoder(_spec(weights=str(path), pretrained=True, mean=None, std=None))
+    assert enc.spec.mean == mean and enc.spec.std == std
+    extract_cohort(items[:1], enc, tmp_path / "f")
+    feats, coords, attrs = _read(tmp_path / "f" / f"{items[0][0]}.h5")
+    assert json.loads(attrs["transform"])["mean"] == list(mean)
+    slide = Slide(items[0][1])
+    x = torch.from_numpy(TileReader(slide, tile_geometry(slide, TILING)).read(coords[0]).copy()).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        want = enc((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).numpy()
+    np.testing.assert_allclose(feats[:1].astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    # the same weights with another mean/std: the cached features are stale, not silently reused
+    with pytest.raises(StaleCacheError, match=r"transform="):
+        extract_cohort(items[:1], build_encoder(_spec(weights=str(path), pretrained=True)), tmp_path / "f")
