@@ -40,11 +40,15 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from her2lab.embed.features_file import NONFINITE, load_bag
+from her2lab.embed.features_file import NONFINITE, load_bag, load_bag_views
 from her2lab.errors import Her2labError
 from her2lab.io import atomic_path
 
 log = logging.getLogger(__name__)
+
+
+#: Tags the random stream of the per-epoch view choice (sub-bag draws use small numbers there).
+VIEW_STREAM = 2**32 - 1
 
 
 @dataclass
@@ -59,6 +63,9 @@ class BagDataset(Dataset):
 
     ``in_memory``: every file is read (and checked) once, here; otherwise at each visit.
     ``excluded_tiles``: slide id → (tiles in the file, tiles left out), for ``drop_tiles``.
+    Training on files with augmented views (``extract.augment_views=K``): each tile's features
+    are one of its K views, drawn per tile and per epoch (the same view wherever the tile is
+    drawn in that epoch, a new draw the next); evaluation reads the plain features.
     """
 
     def __init__(
@@ -72,10 +79,15 @@ class BagDataset(Dataset):
         self.epoch = 0  # set by BagSampler.set_epoch: sub-bags depend on (seed, slide, epoch) only
 
     def _read(self, i: int) -> np.ndarray:
-        feats, _, dropped = load_bag(self.records[i].features_path, self.dim, self.nonfinite)
+        """Slide ``i``'s features (N, D), or at training its augmented views (K, N, D) when the
+        file has them."""
+        if self.train:
+            feats, views, dropped = load_bag_views(self.records[i].features_path, self.dim, self.nonfinite)
+        else:
+            (feats, _, dropped), views = load_bag(self.records[i].features_path, self.dim, self.nonfinite), None
         if dropped:
             self.excluded_tiles[self.records[i].slide_id] = (len(feats) + dropped, dropped)
-        return feats
+        return feats if views is None else views
 
     def __len__(self) -> int:
         return len(self.records)
@@ -84,10 +96,19 @@ class BagDataset(Dataset):
         # an int (one pass) or (slide, draw number) (with-replacement epochs: each draw its own sub-bag)
         i, draw = (item, None) if isinstance(item, int) else (int(item[0]), int(item[1]))
         feats = self.cache[i] if self.cache is not None else self._read(i)
-        if self.train and self.bag_size and len(feats) > self.bag_size:
+        views = feats if feats.ndim == 3 else None  # (K, N, D): augmented views, training only
+        n = feats.shape[-2]
+        tiles = None
+        if self.train and self.bag_size and n > self.bag_size:
             key = (self.seed, i, self.epoch) if draw is None else (self.seed, i, self.epoch, draw)
             rng = np.random.default_rng(key)
-            feats = feats[np.sort(rng.choice(len(feats), self.bag_size, replace=False))]
+            tiles = np.sort(rng.choice(n, self.bag_size, replace=False))
+        if views is not None:  # one view per tile and epoch, whichever draw of the slide this is
+            view = np.random.default_rng((self.seed, i, self.epoch, VIEW_STREAM)).integers(len(views), size=n)
+            tiles = np.arange(n) if tiles is None else tiles
+            feats = views[view[tiles], tiles]
+        elif tiles is not None:
+            feats = feats[tiles]
         return torch.from_numpy(feats), self.records[i].label, i
 
 

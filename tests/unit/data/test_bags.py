@@ -141,3 +141,46 @@ def test_bag_sampling_averages_ordinal_heads_in_class_probabilities(tmp_path):
         logits, _, _ = module.logits_of(batch)
         per_bag = torch.cat([ordinal_probs(net(batch[0][0][b][None])[0]) for b in batch[4][0]])
     assert torch.allclose(module.probs(logits)[0], per_bag.mean(0), atol=1e-5)
+
+
+# --- training on augmented views (extract.augment_views) -------------------------------------
+
+
+def test_training_draws_one_view_per_tile_per_epoch_and_evaluation_reads_the_plain_features(tmp_path):
+    import h5py
+
+    from her2lab.data.bags import BagDataModule, BagRecord
+
+    rng = np.random.default_rng(0)
+    plain = rng.standard_normal((30, 4)).astype(np.float32)
+    views = np.stack([plain + 10 * (k + 1) for k in range(3)])  # view k = plain + 10(k+1): recognisable
+    path = write_trident(tmp_path / "s.h5", plain)
+    with h5py.File(path, "a") as f:
+        f.create_dataset("views", data=views)
+    recs = [BagRecord("s", str(path), 1)]
+    dm = BagDataModule({"train": recs, "test": recs}, embed_dim=4, bag_size=12, batch_size=4,
+                       sampler={"kind": "with_replacement", "iterations": 2})
+    dm.setup()
+    test = next(iter(dm.test_dataloader()))[0][0].numpy()
+    assert np.array_equal(test, plain)  # evaluation: the un-augmented view
+
+    def epoch(e: int) -> dict[int, int]:
+        """tile → view of every tile drawn in epoch ``e`` (8 bags of 12 of the 30 tiles)."""
+        sampler = dm.train_dataloader().sampler
+        sampler.set_epoch(e)
+        chosen: dict[int, set[int]] = {}
+        for item in sampler:
+            bag = dm.datasets["train"][item][0].numpy()
+            for row in bag:
+                hits = [(int(t), v) for v in range(3) for t in np.flatnonzero(np.isclose(views[v], row).all(1))]
+                assert len(hits) == 1  # always exactly one view of one tile, never the plain features
+                tile, view = hits[0]
+                chosen.setdefault(tile, set()).add(view)
+        assert all(len(v) == 1 for v in chosen.values())  # one view per tile within the epoch
+        return {t: v.pop() for t, v in chosen.items()}
+
+    e0, e1 = epoch(0), epoch(1)
+    assert e0 == epoch(0)  # deterministic in (seed, epoch)
+    both = set(e0) & set(e1)
+    assert any(e0[t] != e1[t] for t in both)  # a new draw next epoch
+    assert len(set(e0.values())) > 1  # views are drawn per tile, not per slide

@@ -239,3 +239,32 @@ def test_the_normalisation_stored_with_an_encoder_is_used_and_a_change_is_stale(
     # the same weights with another mean/std: the cached features are stale, not silently reused
     with pytest.raises(StaleCacheError, match=r"transform="):
         extract_cohort(items[:1], build_encoder(_spec(weights=str(path), pretrained=True)), tmp_path / "f")
+
+
+def test_augmented_views_are_the_studys_transforms_reproducible_and_keyed(prepared, weights, tmp_path):
+    from her2lab.embed.features_file import load_bag_views
+
+    items, _ = prepared
+    enc = build_encoder(_spec(weights=str(weights), pretrained=True))
+    extract_cohort(items[:1], enc, tmp_path / "a", ExtractSettings(batch_size=16, augment_views=2))
+    path = tmp_path / "a" / f"{items[0][0]}.h5"
+    feats, views, _ = load_bag_views(path)
+    _, _, attrs = _read(path)
+    assert views.shape == (2, *feats.shape) and views.dtype == np.float16 and attrs["augment_views"] == 2
+    augment = json.loads(attrs["augment"])
+    assert augment["color_jitter"]["hue"] == 0.1 and augment["random_affine"]["shear"] == 10
+    assert augment["gaussian_noise"] == {"after": "normalisation", "p": 0.5, "std": 0.1}
+    # the plain features are those of an extraction without views; each view differs from them and from the other
+    extract_cohort(items[:1], enc, tmp_path / "plain", ExtractSettings(batch_size=16))
+    plain, none, _ = load_bag_views(tmp_path / "plain" / f"{items[0][0]}.h5")
+    assert none is None and np.array_equal(plain, feats)
+    assert not np.allclose(views[0], feats, atol=1e-2) and not np.allclose(views[0], views[1], atol=1e-2)
+    # every tile got its own transform: the change differs from tile to tile
+    change = np.abs(views[0].astype(np.float32) - feats.astype(np.float32)).mean(1)
+    assert change.std() > 0.05 * change.mean()
+    # the same views again (seeded per slide, tile and view), whatever the batch's other work
+    extract_cohort(items[:1], enc, tmp_path / "b", ExtractSettings(batch_size=16, augment_views=2))
+    assert np.array_equal(load_bag_views(tmp_path / "b" / f"{items[0][0]}.h5")[1], views)
+    # a file with views is not taken for one without (nor the reverse): K is part of the key
+    with pytest.raises(StaleCacheError, match="augment_views=2 .now 0"):
+        extract_cohort(items[:1], enc, tmp_path / "a", ExtractSettings(batch_size=16))
