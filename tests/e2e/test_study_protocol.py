@@ -57,16 +57,6 @@ def _runs(sweep: Path) -> list[Path]:
     return sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
-def test_the_experiment_is_the_studys_protocol():
-    cfg = compose_config("train", ["experiment=paper_a_hne"])
-    assert cfg.model_selection == "last" and cfg.data.cv_protocol == "study"
-    assert dict(cfg.data.module.sampler) == {"kind": "with_replacement", "iterations": 100} and cfg.data.module.batch_size == 64
-    assert cfg.eval.bag_sampling.enabled and (cfg.eval.bag_sampling.n_bags, cfg.eval.bag_sampling.bag_size) == (1600, 100)
-    default = compose_config("train", [])
-    assert default.model_selection == "best_val" and default.data.cv_protocol == "patient_grouped"
-    assert default.data.module.sampler.kind == "one_pass" and not default.eval.bag_sampling.enabled
-
-
 def test_five_models_trained_on_kfold_slides_test_the_same_held_out_slides(sweep):
     runs = _runs(sweep)
     assert len(runs) == 5
