@@ -78,6 +78,8 @@ def run_evaluation(cfg: DictConfig) -> Evaluation:
         rcfg.auto_pretrain = False
         if cfg.get("bag_sampling") is not None:  # eval.py's own setting wins over the run's
             rcfg.eval = OmegaConf.merge(rcfg.get("eval") or {}, {"bag_sampling": cfg.bag_sampling})
+        if external and (rcfg.get("extract") or {}).get("augment_views"):
+            rcfg.extract.augment_views = 0  # new slides are only scored: no augmented views to embed
         if external and cfg.get("missing_slides"):  # unreadable new slides: listed and left out, the rest scored
             rcfg.data.missing_slides = str(cfg.missing_slides)
     if external:  # before any slide work: the new cohort must be new to the model
