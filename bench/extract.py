@@ -25,6 +25,11 @@ both on tiles at 0.5 µm/px:
    CLAM itself is not installed here) and against the plain model channels-last; patches/s on
    the same in-memory batches. (Foundation-model presets: ``bench/presets.py``.)
 
+5. With ``--views 0,2,8`` (``--views-only``: this alone): feature-level augmentation
+   (``extract.augment_views=K``, the H&E-HER2 study's transforms on every tile, K more forwards)
+   for the study's encoder (AlexNet@96): ``extract_cohort`` wall time and features file bytes for
+   each K, against K=0, the variants side by side in every round.
+
 The model-only baseline of (1) is the encoder exactly as the pipeline runs it (``Embedder``'s
 inference encoder), so the ratio is the pipeline's overhead alone.
 
@@ -140,6 +145,42 @@ def run_pipeline(case: Case, out: Path, mode: str, dtype: str = "float16", items
     return dt
 
 
+def run_views(case: Case, out: Path, k: int) -> float:
+    """``extract_cohort`` with ``augment_views=k`` (defaults otherwise: num_workers=0, float16)."""
+    settings = ExtractSettings(batch_size=BATCH, device="cpu", augment_views=k)
+    t0 = time.perf_counter()
+    report = extract_cohort(case.items, case.encoder, out, settings)
+    dt = time.perf_counter() - t0
+    if (report.status != "done").any():
+        raise SystemExit(f"extract failed: {report[report.status != 'done'].to_dict('records')}")
+    return dt
+
+
+def views_table(case: Case, views: list[int], rounds: int, fresh) -> list[str]:
+    """Rows comparing ``augment_views`` K against K=0, measured side by side (order rotating)."""
+    run_views(case, fresh(), max(views))  # warm-up: the transforms' first calls
+    secs: dict[int, list[float]] = {k: [] for k in views}
+    size: dict[int, int] = {}
+    for r in range(rounds):
+        for k in views[r % len(views):] + views[: r % len(views)]:
+            out = fresh()
+            secs[k].append(run_views(case, out, k))
+            size[k] = sum(f.stat().st_size for f in out.glob("*.h5"))
+            shutil.rmtree(out)
+    med, n, rows = statistics.median, case.n_tiles, []
+    base = 0 if 0 in views else views[0]
+    for k in views:
+        ratio = med(b / a for a, b in zip(secs[k], secs[base], strict=True))
+        rows.append(f"| {case.label}: extract_cohort with extract.augment_views={k}, {n} tiles: seconds, "
+                    f"patches/s of tiles (baseline: augment_views={base}) | {med(secs[k]):.1f} s, "
+                    f"{n / med(secs[k]):.1f}/s | {med(secs[base]):.1f} s, {n / med(secs[base]):.1f}/s "
+                    f"| {1 / ratio:.2f}x the time |")
+    for k in views:
+        rows.append(f"| {case.label}: features files, bytes, augment_views={k} (baseline: augment_views={base}) "
+                    f"| {size[k]} | {size[base]} | {size[k] / size[base]:.2f}x |")
+    return rows
+
+
 def run_model(case: Case) -> float:
     net = case.embedder.encoder  # as the pipeline runs it
     with torch.inference_mode():
@@ -207,9 +248,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--quick", action="store_true", help="1 slide, 2 rounds")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row (its compile takes ~40 s)")
+    ap.add_argument("--views", default="", help="comma-separated extract.augment_views values to compare "
+                    "(AlexNet@96), e.g. 0,2,8; empty: none")
+    ap.add_argument("--views-only", action="store_true", help="run the --views comparison alone")
     args = ap.parse_args()
     if args.quick:
         args.slides, args.rounds = 1, 2
+    views = [int(v) for v in args.views.split(",") if v.strip()]
+    if args.views_only and not views:
+        ap.error("--views-only needs --views")
     logging.getLogger("her2lab").setLevel(logging.ERROR)  # "random weights" warnings
 
     load0 = os.getloadavg()[0]
@@ -221,7 +268,8 @@ def main() -> None:
             generate_cohort(tmp / "cohort", cfg, num_workers=min(2, os.cpu_count() or 1))
         )
         gen_s = time.perf_counter() - t0
-        cases = [Case(label, spec, manifest, tmp / "cache") for label, spec in ENCODERS.items()]
+        encoders = {k: v for k, v in ENCODERS.items() if not args.views_only or k.startswith("light")}
+        cases = [Case(label, spec, manifest, tmp / "cache") for label, spec in encoders.items()]
 
         runs = 0
 
@@ -229,6 +277,21 @@ def main() -> None:
             nonlocal runs
             runs += 1
             return tmp / "features" / f"run{runs}"
+
+        header = (
+            f"# bench/extract.py: {os.cpu_count()} CPUs, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, Python {sys.version.split()[0]}; {args.slides} "
+            f"synthetic slides {cfg.width_px}x{cfg.height_px} px @ {cfg.mpp} µm/px, tiles at "
+            f"0.5 µm/px; batch size {BATCH}; random weights; {args.rounds} rounds; cohort "
+            f"written in {gen_s:.0f} s; 1-min load average {load0:.2f} at start"
+        )
+        if args.views_only:
+            rows = views_table(cases[0], views, args.rounds, fresh)
+            print(f"{header}, {os.getloadavg()[0]:.2f} at end\n")
+            print("| measurement | her2lab | baseline | ratio |\n|---|---:|---:|---:|")
+            print("\n".join(rows))
+            print("\nMedians over rounds; ratio = median of per-round ratios.")
+            return
 
         # Warm-up: the encoder's kernels for every batch shape, the pipeline's imports and files.
         for case in cases:
@@ -268,15 +331,9 @@ def main() -> None:
                 sizes[dtype] = (out / f"{case.items[0][0]}.h5").stat().st_size
             storage[case.label] = sizes
 
+        view_rows = views_table(cases[0], views, args.rounds, fresh) if views else []
         med = statistics.median
-        print(
-            f"# bench/extract.py: {os.cpu_count()} CPUs, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, Python {sys.version.split()[0]}; {args.slides} "
-            f"synthetic slides {cfg.width_px}x{cfg.height_px} px @ {cfg.mpp} µm/px, tiles at "
-            f"0.5 µm/px; batch size {BATCH}; random weights; {args.rounds} rounds; cohort "
-            f"written in {gen_s:.0f} s; 1-min load average {load0:.2f} at start, "
-            f"{os.getloadavg()[0]:.2f} at end\n"
-        )
+        print(f"{header}, {os.getloadavg()[0]:.2f} at end\n")
         print("| measurement | her2lab | baseline | ratio |")
         print("|---|---:|---:|---:|")
         for case in cases:
@@ -336,6 +393,8 @@ def main() -> None:
                 f"| {n_fwd / med(forwards[base]):.1f} "
                 f"| {med(b / a for a, b in zip(forwards[ours], forwards[base], strict=True)):.2f}x |"
             )
+        for row in view_rows:
+            print(row)
         print(
             "\nMedians over rounds; ratio = median of per-round ratios (patches/s: pipeline "
             "rate / model-only rate; ms/patch: her2lab / baseline); storage: float16 bytes / "

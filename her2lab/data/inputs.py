@@ -29,7 +29,7 @@ from her2lab.config import build
 from her2lab.data.bags import BagRecord
 from her2lab.data.cohort_config import resolve_cohort
 from her2lab.data.labels import label_scheme
-from her2lab.data.patches import SlideRecord
+from her2lab.data.patches import NORM_TILES_PER_SLIDE, SlideRecord, folder_stats, tile_stats
 from her2lab.data.splits import save_splits, split_for_fold
 from her2lab.data.thumbnails import ThumbRecord
 from her2lab.embed.backbones import build_encoder
@@ -66,7 +66,8 @@ class Inputs:
     # -- shared steps -------------------------------------------------------------------------
 
     def split_cohort(self, run_dir: Path) -> pd.DataFrame:
-        """Manifest with ``label`` and ``split`` columns (patient-grouped folds), saved to the run.
+        """Manifest with ``label`` and ``split`` columns (``data.cv_protocol``: patient-grouped
+        folds by default, or the study's protocol; :mod:`her2lab.data.splits`), saved to the run.
 
         ``external_cohort=true`` (evaluation on a new cohort): every slide is in the ``test`` split.
         """
@@ -77,7 +78,9 @@ class Inputs:
         if cfg.get("external_cohort"):
             split = pd.Series("test", index=manifest.index)
         else:
-            split = split_for_fold(manifest, labels, int(cfg.fold), int(cfg.data.n_folds), int(cfg.seed))
+            split = split_for_fold(manifest, labels, int(cfg.fold), int(cfg.data.n_folds), int(cfg.seed),
+                                   str(cfg.data.get("cv_protocol") or "patient_grouped"),
+                                   float(cfg.data.get("test_fraction") or 0.2))
         save_splits(run_dir / "splits.csv", manifest, labels, split)
         return manifest.assign(label=labels.values, split=split.values)
 
@@ -123,6 +126,23 @@ class Inputs:
         return dict(zip(failed.slide_id, failed.error.astype(str), strict=True))
 
 
+def _set_normalisation(cfg: DictConfig, mean: tuple[float, ...], std: tuple[float, ...], source: str) -> None:
+    """``backbone.mean``/``std`` (null in the preset) set to the statistics of the run's own
+    training data: the config, and so an exported encoder, records them."""
+    with open_dict(cfg):
+        cfg.backbone.mean = [round(v, 6) for v in mean]
+        cfg.backbone.std = [round(v, 6) for v in std]
+    log.info("backbone.mean=%s backbone.std=%s: from %s", list(cfg.backbone.mean), list(cfg.backbone.std), source)
+
+
+def bag_sampling(cfg: DictConfig) -> dict | None:
+    """``eval.bag_sampling`` when enabled (n_bags, bag_size, seed), else None."""
+    node = (cfg.get("eval") or {}).get("bag_sampling") or {}
+    if not node.get("enabled", False):
+        return None
+    return {k: int(node.get(k, default)) for k, default in (("n_bags", 1600), ("bag_size", 100), ("seed", 123))}
+
+
 def first_record(splits: dict[str, list]):
     """The first record of the first non-empty split."""
     return next(recs[0] for recs in splits.values() if recs)
@@ -146,6 +166,9 @@ class BagInputs(Inputs):
             missing = {s: "no features file" for s in table.slide_id if not (folder / f"{s}.h5").exists()}
         else:
             encoder = build_encoder(backbone_spec(cfg.backbone))
+            if cfg.backbone.get("mean") is None:  # stored with the weights: the run's config says what they were
+                with open_dict(cfg):
+                    cfg.backbone.mean, cfg.backbone.std = list(encoder.spec.mean), list(encoder.spec.std)
             report = embed_manifest(cfg, table, encoder)
             folder = cohort_features_dir(cfg)
             failed = report[report.status == "failed"]
@@ -171,7 +194,7 @@ class BagInputs(Inputs):
             with open_dict(cfg):
                 cfg.backbone.embed_dim = dim
         return build(cfg.data.module, splits=splits, embed_dim=cfg.backbone.embed_dim,
-                     nonfinite=cfg.data.get("nonfinite", "error"))
+                     nonfinite=cfg.data.get("nonfinite", "error"), test_bags=bag_sampling(cfg))
 
 
 class PatchInputs(Inputs):
@@ -189,6 +212,9 @@ class PatchInputs(Inputs):
         table = table[~table.slide_id.isin(failed)]
         splits = self.by_split(table, lambda r: SlideRecord(r.slide_id, r.path, str(prep.tiles_path(r.slide_id)),
                                                             int(r.label), None if pd.isna(r.mpp) else float(r.mpp)))
+        if bb.get("mean") is None:  # the training tiles' own mean/std, kept in the config (and the exported encoder)
+            _set_normalisation(cfg, *tile_stats(splits["train"], seed=int(cfg.seed)),
+                               f"{NORM_TILES_PER_SLIDE} tiles of each of {len(splits['train'])} training slides")
         return build(cfg.data.module, splits=splits, mean=list(bb.mean), std=list(bb.std))
 
 
@@ -200,6 +226,9 @@ class PatchFolderInputs(Inputs):
     def datamodule(self, run_dir: Path) -> pl.LightningDataModule:
         cfg = self.cfg
         bb = cfg.backbone
+        if bb.get("mean") is None:  # the training images' own mean/std, as for slide tiles
+            _set_normalisation(cfg, *folder_stats(cfg.data.module.root, int(bb.input_px), seed=int(cfg.seed)),
+                               f"the training images of {cfg.data.module.root}")
         return build(cfg.data.module, input_px=bb.input_px, mean=list(bb.mean), std=list(bb.std),
                      num_classes=cfg.labels.num_classes)
 
@@ -230,13 +259,17 @@ def inputs_for(cfg: DictConfig) -> Inputs:
         kind = cfg.data.get("kind")
         if kind not in _BY_KIND:
             raise Her2labError(f"data: no _target_ and data.kind={kind!r} is not known; use one of {', '.join(_BY_KIND)}")
-        return _BY_KIND[kind](cfg)
-    try:
-        cls = get_class(str(target))
-    except Exception:
-        raise Her2labError(f"data._target_={target!r}: no such class") from None
-    if not (isinstance(cls, type) and issubclass(cls, Inputs)):
-        raise Her2labError(f"data._target_={target!r} is not an her2lab.data.inputs.Inputs subclass")
+        cls = _BY_KIND[kind]
+    else:
+        try:
+            cls = get_class(str(target))
+        except Exception:
+            raise Her2labError(f"data._target_={target!r}: no such class") from None
+        if not (isinstance(cls, type) and issubclass(cls, Inputs)):
+            raise Her2labError(f"data._target_={target!r} is not an her2lab.data.inputs.Inputs subclass")
+    if bag_sampling(cfg) and not issubclass(cls, BagInputs):
+        raise Her2labError(f"eval.bag_sampling.enabled=true scores bags of tile embeddings (data=bags), not "
+                           f"{cls.__name__}; set eval.bag_sampling.enabled=false")
     return cls(cfg)
 
 

@@ -105,6 +105,51 @@ class SlidePatchDataset(Dataset):
         return self.slides
 
 
+#: Random tiles per training slide whose pixels give a pretraining run its mean/std.
+NORM_TILES_PER_SLIDE = 64
+
+
+def channel_stats(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of the pixels of ``images`` ((3, H, W) tensors in
+    [0, 1]), accumulated in float64."""
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    n = 0
+    for x in images:
+        x = x.to(torch.float64).flatten(1)  # (3, H·W)
+        total += x.sum(1)
+        squares += (x * x).sum(1)
+        n += x.shape[1]
+    if n == 0:
+        raise Her2labError("no tile to compute the normalisation from (empty training split?)")
+    mean = total / n
+    std = (squares / n - mean * mean).clamp(min=1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def tile_stats(slides: list[SlideRecord], tiles_per_slide: int = NORM_TILES_PER_SLIDE,
+               seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of ``tiles_per_slide`` random tiles (un-augmented, in [0, 1]) of each slide:
+    the dataset-specific normalisation of an encoder pretrained on these slides' tiles."""
+    ds = SlidePatchDataset(slides, tiles_per_slide, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), train=False, seed=seed)
+    return channel_stats(ds[i][0] for i in range(len(ds)))
+
+
+def folder_stats(root: str, input_px: int, max_images: int = 2048,
+                 seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of up to ``max_images`` random images of a patch folder's ``train/``."""
+    from pathlib import Path
+
+    from torchvision import datasets, transforms
+
+    folder = Path(root) / "train"
+    if not folder.is_dir():
+        raise Her2labError(f"{root}: a patch folder needs train/ and val/ sub-folders, one folder per class in each")
+    ds = datasets.ImageFolder(folder, transforms.Compose([transforms.Resize((input_px, input_px)), transforms.ToTensor()]))
+    pick = np.random.default_rng(seed).permutation(len(ds))[:max_images]
+    return channel_stats(ds[int(i)][0] for i in pick)
+
+
 class PatchDataModule(pl.LightningDataModule):
     """Slide-labelled tiles for train/val/test splits of a prepared cohort."""
 

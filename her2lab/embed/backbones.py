@@ -2,8 +2,10 @@
 
 A :class:`BackboneSpec` (``conf/backbone/*.yaml``) names the architecture (any timm model, or
 torchvision's AlexNet as in the H&E-HER2 study's code), where its weights come from, the input
-size and resolution it expects, and its normalisation. :func:`build_encoder` makes an
-:class:`Encoder` whose ``forward`` maps ``(B, 3, H, W)`` normalised images to ``(B, D)``.
+size and resolution it expects, and its normalisation (its own mean/std: ImageNet's, its
+authors', or — ``mean: null`` — the mean/std of the tiles it was trained on, stored with its
+weights by her2lab's transfer-learning step). :func:`build_encoder` makes an :class:`Encoder`
+whose ``forward`` maps ``(B, 3, H, W)`` normalised images to ``(B, D)``.
 
 Weights come from exactly one place, and the features file records which:
 
@@ -45,13 +47,14 @@ from her2lab.embed.weights import (
     read_state_dict,
     save_encoder,
     state_sha256,
+    stored_normalisation,
     weights_file,
 )
 
 __all__ = [
     "POOLINGS", "BackboneSpec", "Encoder", "WeightsError", "build_classifier", "build_encoder", "create_model",
     "file_sha256", "headless_state", "list_encoders", "load_state", "load_weights", "read_state_dict",
-    "register_encoder", "save_encoder", "state_sha256", "timm_hub_state", "unregister_encoder", "weights_file",
+    "register_encoder", "save_encoder", "state_sha256", "stored_normalisation", "timm_hub_state", "unregister_encoder", "weights_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,8 +77,10 @@ class BackboneSpec:
     pretrained: bool = True  # False: random weights are intended
     input_px: int = 224  # tiles are read at this size, never resized on the fly
     target_mpp: float = 0.5  # µm/px the encoder expects
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    # None: the normalisation stored with the weights (her2lab's transfer-learning step stores the
+    # mean/std of the tiles it trained on, see stored_normalisation); resolved by build_encoder
+    mean: tuple[float, ...] | None = IMAGENET_MEAN
+    std: tuple[float, ...] | None = IMAGENET_STD
     embed_dim: int | None = None  # checked against the model's actual output
     preset: str = ""  # folder name of the features (defaults to ``name``)
     description: str = ""
@@ -89,8 +94,11 @@ class BackboneSpec:
         get_source(self.source)  # a wrong source fails when the config is read, not mid-run
         if self.pooling not in POOLINGS:
             raise WeightsError(f"backbone.pooling={self.pooling!r}: use one of {', '.join(POOLINGS)}")
-        self.mean = tuple(float(v) for v in self.mean)
-        self.std = tuple(float(v) for v in self.std)
+        if (self.mean is None) != (self.std is None):
+            raise WeightsError(f"backbone {self.label}: give both backbone.mean and backbone.std, or neither "
+                               "(null: the normalisation stored with the weights)")
+        self.mean = None if self.mean is None else tuple(float(v) for v in self.mean)
+        self.std = None if self.std is None else tuple(float(v) for v in self.std)
         self.model_kwargs = dict(self.model_kwargs or {})
 
     @property
@@ -101,7 +109,8 @@ class BackboneSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["mean"] = None if self.mean is None else list(self.mean)
+        d["std"] = None if self.std is None else list(self.std)
         return d
 
 
@@ -203,6 +212,8 @@ def build_encoder(spec: BackboneSpec) -> Encoder:
         )
     else:
         log.warning("backbone %s: random weights (pretrained=false)", spec.label)
+    if spec.mean is None:
+        _stored_normalisation(spec)
     enc.eval().requires_grad_(False)
     d = enc.output_dim()
     if spec.embed_dim is not None and d != spec.embed_dim:
@@ -212,6 +223,22 @@ def build_encoder(spec: BackboneSpec) -> Encoder:
         )
     spec.embed_dim = d
     return enc
+
+
+def _stored_normalisation(spec: BackboneSpec) -> None:
+    """``spec.mean``/``spec.std`` from the weights file (``backbone.mean: null``), or an error."""
+    path = weights_file(Path(os.path.expanduser(str(spec.weights))), f"backbone {spec.label}") \
+        if spec.weights and spec.weights != "hub" else None
+    stored = stored_normalisation(path) if path is not None else None
+    if stored is None:
+        raise WeightsError(
+            f"backbone {spec.label}: backbone.mean/std are null (the normalisation stored with the weights), but "
+            f"{path or 'weights=' + str(spec.weights)} holds none (her2lab's transfer-learning step stores the mean/std "
+            "of its training tiles); set backbone.mean=[r,g,b] backbone.std=[r,g,b]"
+        )
+    spec.mean, spec.std = stored
+    log.info("backbone %s: normalisation stored with its weights: mean %s, std %s", spec.label,
+             [round(v, 4) for v in spec.mean], [round(v, 4) for v in spec.std])
 
 
 def _load_hub(enc: Encoder, spec: BackboneSpec) -> None:
@@ -238,10 +265,12 @@ def build_classifier(backbone: dict, num_classes: int, init_weights: str | None 
     ``init_weights``: ``None`` trains from scratch; ``hub`` or a file starts from those encoder
     weights (the head is always new).
     """
-    spec = BackboneSpec(**{**dict(backbone), "weights": None, "pretrained": False})
+    # the classifier's own normalisation is its datamodule's; a null mean/std is not resolved here
+    spec = BackboneSpec(**{**dict(backbone), "weights": None, "pretrained": False, "mean": None, "std": None})
     clf = create_model(spec, num_classes=num_classes)
     if init_weights:
-        enc = build_encoder(BackboneSpec(**{**spec.to_dict(), "weights": init_weights, "pretrained": True, "embed_dim": None}))
+        enc = build_encoder(BackboneSpec(**{**spec.to_dict(), "weights": init_weights, "pretrained": True, "embed_dim": None,
+                                            "mean": IMAGENET_MEAN, "std": IMAGENET_STD}))  # only its weights are used
         target = clf.features if spec.source == "torchvision" and spec.name == "alexnet" else clf
         own = target.state_dict()
         missing = [k for k in enc.model.state_dict() if k not in own]

@@ -30,7 +30,13 @@ def backbone_spec(node: DictConfig) -> BackboneSpec:
 
 def cohort_features_dir(cfg: DictConfig) -> Path:
     """Where the configured cohort's features from the configured backbone and tiling live."""
-    return features_dir(cfg.cohort.cache_dir, tiling_params(cfg.tiling), backbone_spec(cfg.backbone).label)
+    return features_dir(cfg.cohort.cache_dir, tiling_params(cfg.tiling), backbone_spec(cfg.backbone).label,
+                        augment_views(cfg))
+
+
+def augment_views(cfg: DictConfig) -> int:
+    """``extract.augment_views`` (0 when the config has none)."""
+    return int((cfg.get("extract") or {}).get("augment_views") or 0)
 
 
 def embed_manifest(cfg: DictConfig, manifest: pd.DataFrame, encoder: Encoder) -> pd.DataFrame:
@@ -49,13 +55,14 @@ def embed_manifest(cfg: DictConfig, manifest: pd.DataFrame, encoder: Encoder) ->
     prep = PrepareSettings.from_config(cfg, tiling)
     prep_report = prepare_cohort(mine, prep, num_workers=cfg.num_workers, report_suffix=suffix)
     ok = set(prep_report.slide_id[prep_report.status != "failed"])
-    out_dir = ensure_writable_dir(features_dir(cfg.cohort.cache_dir, tiling, spec.label), "features folder")
+    out_dir = ensure_writable_dir(features_dir(cfg.cohort.cache_dir, tiling, spec.label, augment_views(cfg)),
+                                  "features folder")
     items = [(r.slide_id, r.path, None if pd.isna(r.mpp) else float(r.mpp), prep.tiles_path(r.slide_id))
              for r in mine.itertuples() if r.slide_id in ok]
     settings = ExtractSettings(
         batch_size=int(ex.batch_size), num_workers=int(ex.num_workers), device=str(ex.device),
         precision=str(ex.precision), dtype=str(ex.dtype), overwrite=bool(ex.overwrite),
-        prefetch=ex.get("prefetch"), compile=ex.get("compile", "auto"),
+        prefetch=ex.get("prefetch"), compile=ex.get("compile", "auto"), augment_views=augment_views(cfg),
     )
     report = extract_cohort(items, encoder, out_dir, settings)
     failed_prep = prep_report[prep_report.status == "failed"][["slide_id", "error"]].assign(status="failed")

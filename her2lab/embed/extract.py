@@ -7,7 +7,10 @@ uint8 NHWC; conversion, normalisation and channels-last layout happen on the dev
 pass. Features are checked for NaN/Inf and written atomically (float16 by default).
 
 Output: ``features/{tiling}/{backbone}/{slide}.h5`` with ``features`` (N, D), ``coords`` (N, 2)
-and attributes naming the encoder, its weights and the tiling.
+and attributes naming the encoder, its weights and the tiling. With ``augment_views=K > 0``
+(feature-level augmentation, :mod:`her2lab.embed.augment`) the file also holds ``views``
+(K, N, D): every tile embedded K more times, each time augmented as the H&E-HER2 study did,
+in the folder ``features/{tiling}/{backbone}+aug{K}/`` (so K is part of the cache's key).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from her2lab.embed.augment import StudyAugment, view_seed
 from her2lab.embed.backbones import Encoder
 from her2lab.embed.features_file import check_features_file, features_attrs, write_features
 from her2lab.errors import Her2labError, SlideError, StaleCacheError
@@ -53,11 +57,15 @@ class ExtractSettings:
     # "auto": when the run embeds at least COMPILE_MIN_TILES tiles, where the one-off compile
     # (30–40 s here) is repaid (ResNet-50-trunc 1.36x faster on CPU; ViT-L 1.03x; BENCHMARKS.md).
     compile: bool | str = "auto"
-
+    # Feature-level augmentation: K augmented views of every tile besides the plain one (0: none).
+    augment_views: int = 0
+    augment_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.compile not in (True, False, "auto"):
             raise Her2labError(f"extract.compile={self.compile!r}: use auto, true or false")
+        if not isinstance(self.augment_views, int) or isinstance(self.augment_views, bool) or self.augment_views < 0:
+            raise Her2labError(f"extract.augment_views={self.augment_views!r}: a whole number ≥ 0 (0: no augmented views)")
 
 
 #: Tiles from which ``compile="auto"`` compiles the encoder.
@@ -214,6 +222,20 @@ class Embedder:
             f = self._forward(x)  # (B, D)
         return f.float().cpu()
 
+    @torch.inference_mode()
+    def embed_view(self, tiles: torch.Tensor, augment: StudyAugment, seed: int) -> torch.Tensor:
+        """One augmented view: ``tiles`` (B, H, W, 3) uint8 → (B, D) float32 on the CPU; each tile
+        colour-jittered and moved (uint8), normalised, then noised, from ``seed`` alone."""
+        with torch.random.fork_rng(devices=[]):  # the transforms draw from torch's global generator
+            torch.manual_seed(seed)
+            moved = augment.pixels(tiles.permute(0, 3, 1, 2))  # (B, 3, H, W) uint8
+        x = moved.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = (x.float() - self.mean) / self.std
+        x = augment.noise(x, torch.Generator().manual_seed(seed))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            f = self._forward(x)  # (B, D)
+        return f.float().cpu()
+
 
 def extract_cohort(
     items: list[tuple[str, str, float | None, Path]],
@@ -237,7 +259,7 @@ def extract_cohort(
                     f"{tiles_path}: tiles are {tiles.geom.patch_px}px but the encoder takes "
                     f"{encoder.spec.input_px}px; tile at backbone.input_px"
                 )
-            attrs = features_attrs(encoder, tiles, settings.dtype)
+            attrs = features_attrs(encoder, tiles, settings.dtype, settings.augment_views)
             if check_features_file(out, attrs, settings.overwrite):
                 rows.append({"slide_id": slide_id, "status": "skipped", "n_tiles": len(tiles.coords), "error": ""})
                 continue
@@ -274,9 +296,13 @@ def _run(todo: list[tuple[SlideTiles, dict, Path]], encoder: Encoder, settings: 
     )
     np_dtype = np.dtype(settings.dtype)
     rows: list[dict] = []
+    k_views = settings.augment_views
+    augment = StudyAugment() if k_views else None
     parts: list[torch.Tensor] = []
+    views: list[list[torch.Tensor]] = [[] for _ in range(k_views)]
     current, error, t_slide, done_tiles, t0 = 0, "", time.perf_counter(), 0, time.perf_counter()
-    desc = f"embedding {len(ds)} tiles of {len(todo)} slides ({encoder.spec.label})"
+    desc = f"embedding {len(ds)} tiles of {len(todo)} slides ({encoder.spec.label}" + \
+        (f", {k_views} augmented views each)" if k_views else ")")
     with progress_bar(desc, len(ds), unit="patches") as advance:
         use_thread = embedder.device.type == "cuda" if settings.prefetch is None else settings.prefetch
         batches = prefetch(loader, depth=2) if use_thread and not settings.num_workers else loader
@@ -284,9 +310,13 @@ def _run(todo: list[tuple[SlideTiles, dict, Path]], encoder: Encoder, settings: 
             j = int(j[0])
             if j != current:
                 parts, current, error, t_slide = [], j, "", time.perf_counter()
+                views = [[] for _ in range(k_views)]
             error = error or next((e for e in errs if e), "")
             if not error:
                 parts.append(embedder.embed(tiles))
+                for v in range(k_views):
+                    seed = view_seed(settings.augment_seed, todo[j][0].slide_id, int(_k[0]), v)
+                    views[v].append(embedder.embed_view(tiles, augment, seed))
             done_tiles += len(tiles)
             advance(len(tiles), rate=f"{done_tiles / (time.perf_counter() - t0):.0f} patches/s")
             slide, n = todo[j][0], len(todo[j][0].coords)
@@ -296,23 +326,30 @@ def _run(todo: list[tuple[SlideTiles, dict, Path]], encoder: Encoder, settings: 
                 if error:
                     rows.append({"slide_id": slide.slide_id, "status": "failed", "n_tiles": n, "seconds": seconds, "error": error})
                 else:
-                    rows.append(_finish(todo[j], torch.cat(parts).numpy(), np_dtype, seconds))
-                parts = []
+                    stack = torch.stack([torch.cat(v) for v in views]).numpy() if k_views else None  # (K, N, D)
+                    rows.append(_finish(todo[j], torch.cat(parts).numpy(), np_dtype, seconds, stack))
+                parts, views = [], [[] for _ in range(k_views)]
     return rows
 
 
-def _finish(job: tuple[SlideTiles, dict, Path], feats: np.ndarray, np_dtype: np.dtype, seconds: float) -> dict:
+def _finish(job: tuple[SlideTiles, dict, Path], feats: np.ndarray, np_dtype: np.dtype, seconds: float,
+            views: np.ndarray | None = None) -> dict:
     tiles, attrs, out = job
     bad = ~np.isfinite(feats).all(axis=1)
     stored = feats.astype(np_dtype)
     bad |= ~np.isfinite(stored).all(axis=1)  # float16 overflow (|x| > 65504) shows up here
+    finite = np.isfinite(feats).all()
+    if views is not None:  # (K, N, D): a tile with a non-finite view fails like one with non-finite features
+        stored_views = views.astype(np_dtype)
+        bad |= ~(np.isfinite(views).all(axis=(0, 2)) & np.isfinite(stored_views).all(axis=(0, 2)))
+        finite = finite and np.isfinite(views).all()
     if bad.any():
-        hint = "extract.dtype=float32" if np.isfinite(feats).all() else "check the encoder weights"
+        hint = "extract.dtype=float32" if finite else "check the encoder weights"
         return {
             "slide_id": tiles.slide_id, "status": "failed", "n_tiles": len(feats), "seconds": seconds,
             "error": f"{tiles.slide_path}: {int(bad.sum())} of {len(feats)} tiles gave NaN/Inf features; {hint}",
         }
-    write_features(out, stored, tiles.coords, attrs)
+    write_features(out, stored, tiles.coords, attrs, stored_views if views is not None else None)
     return {"slide_id": tiles.slide_id, "status": "done", "n_tiles": len(feats), "seconds": round(seconds, 3), "error": ""}
 
 

@@ -11,7 +11,8 @@ Two lists of attributes say what a file is:
 - :data:`ENCODER_KEYS`: the encoder, its weights and the tile geometry. Features of two cohorts
   fit one model only if these agree (evaluation on a new cohort checks them).
 - :data:`IDENTITY_KEYS`: those plus the storage dtype and the tiles file's hash. A file whose
-  identity differs from what extraction would write now is stale.
+  identity differs from what extraction would write now is stale; so is one whose ``transform``
+  (the encoder's normalisation mean/std) differs, compared beside the hash.
 """
 
 from __future__ import annotations
@@ -46,13 +47,15 @@ def identity_hash(attrs: dict) -> str:
     return param_hash({k: attrs[k] for k in IDENTITY_KEYS if not (k in KEY_DEFAULTS and attrs.get(k) == KEY_DEFAULTS[k])})
 
 
-def features_dir(cache_dir: str | Path, tiling: TilingParams, backbone_label: str) -> Path:
-    """``{cache}/features/{tiling}/{backbone}/``: the folder names its parameters."""
-    return Path(cache_dir) / "features" / tiling.name / backbone_label
+def features_dir(cache_dir: str | Path, tiling: TilingParams, backbone_label: str, augment_views: int = 0) -> Path:
+    """``{cache}/features/{tiling}/{backbone}/`` (``{backbone}+aug{K}/`` with K augmented views a
+    tile): the folder names its parameters."""
+    return Path(cache_dir) / "features" / tiling.name / (backbone_label + (f"+aug{augment_views}" if augment_views else ""))
 
 
-def features_attrs(encoder: Encoder, tiles: SlideTiles, dtype: str) -> dict:
-    """The attributes of a features file made by ``encoder`` from ``tiles``, with their hash."""
+def features_attrs(encoder: Encoder, tiles: SlideTiles, dtype: str, augment_views: int = 0) -> dict:
+    """The attributes of a features file made by ``encoder`` from ``tiles`` (with
+    ``augment_views`` augmented views a tile), with their hash."""
     spec = encoder.spec
     a = tiles.attrs
     attrs = {
@@ -80,7 +83,18 @@ def features_attrs(encoder: Encoder, tiles: SlideTiles, dtype: str) -> dict:
         "her2lab_version": __version__,
     }
     attrs["param_hash"] = identity_hash(attrs)
+    # compared beside the hash (see check_features_file), so files without views keep their hash
+    attrs["augment_views"] = int(augment_views)
+    if augment_views:
+        from her2lab.embed.augment import StudyAugment
+
+        attrs["augment"] = StudyAugment().describe()
     return attrs
+
+
+#: Attributes compared beside the identity hash (added after files were made without them):
+#: attribute → the value a file without it has (None: the wanted value, i.e. not compared).
+SIDE_KEYS = {"transform": None, "augment_views": 0, "augment": ""}
 
 
 def check_features_file(path: Path, want: dict, overwrite: bool = False) -> bool:
@@ -95,7 +109,11 @@ def check_features_file(path: Path, want: dict, overwrite: bool = False) -> bool
         return False  # unreadable (e.g. killed mid-write by another tool): rebuild
     if not ok:
         return False
-    if have.get("param_hash") == want["param_hash"]:
+    # the normalisation (transform) and the augmented views are compared beside the hash: a changed
+    # backbone.mean/std with the same weights is stale too, and older files keep their hash
+    side = [k for k, missing in SIDE_KEYS.items()
+            if k in want and have.get(k, want[k] if missing is None else missing) != want[k]]
+    if have.get("param_hash") == want["param_hash"] and not side:
         return True
     if overwrite:
         return False
@@ -106,13 +124,24 @@ def check_features_file(path: Path, want: dict, overwrite: bool = False) -> bool
         )
     diffs = [f"{k}={have.get(k, KEY_DEFAULTS.get(k))!r} (now {want[k]!r})" for k in IDENTITY_KEYS
              if have.get(k, KEY_DEFAULTS.get(k)) != want[k]]
+    diffs += [f"{k}={_plain(have.get(k, SIDE_KEYS[k]))!r} (now {want[k]!r})" for k in side]
     raise StaleCacheError(f"{path}: made with {', '.join(diffs)}; set extract.overwrite=true or use another backbone name")
 
 
-def write_features(path: Path, feats: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
-    """Write one slide's features (N, D) and coords (N, 2) atomically; a full disk is one line."""
+def _plain(value):
+    """An h5 attribute as a Python value (``np.int64(2)`` → ``2``), for messages."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def write_features(path: Path, feats: np.ndarray, coords: np.ndarray, attrs: dict,
+                   views: np.ndarray | None = None) -> None:
+    """Write one slide's features (N, D), coords (N, 2) and augmented ``views`` (K, N, D) if any,
+    atomically; a full disk is one line."""
+    data = {"features": feats, "coords": coords.astype(np.int64)}
+    if views is not None:
+        data["views"] = views
     try:
-        write_h5(path, {"features": feats, "coords": coords.astype(np.int64)}, attrs)
+        write_h5(path, data, attrs)
     except OSError as exc:
         raise write_error(path, exc, "free space or move paths.data_dir; finished slides are intact") from None
 
@@ -146,12 +175,30 @@ def load_bag(
         Her2labError: missing or unreadable file, empty bag, wrong feature size, non-finite rows
             (``error``) or no finite row at all (``drop_tiles``).
     """
+    feats, coords, n_bad, _ = _load(path, expect_dim, nonfinite, views=False)
+    return feats, coords, n_bad
+
+
+def load_bag_views(
+    path: str | Path, expect_dim: int | None = None, nonfinite: str = "error"
+) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """``features`` (N, D), the augmented ``views`` (K, N, D) or None when the file has none
+    (``extract.augment_views=0``, files made elsewhere), and the number of tiles left out; a tile
+    whose features or any view hold NaN/Inf is treated as :func:`load_bag` treats a bad row."""
+    feats, _, n_bad, views = _load(path, expect_dim, nonfinite, views=True)
+    return feats, views, n_bad
+
+
+def _load(path: str | Path, expect_dim: int | None, nonfinite: str, views: bool):
     if nonfinite not in NONFINITE:
         raise Her2labError(f"data.nonfinite={nonfinite!r}: use {' or '.join(NONFINITE)}")
+    extra = None
     try:
         with h5py.File(path, "r") as f:
             feats = f["features"][:]
             coords = f["coords"][:] if "coords" in f else np.zeros((len(feats), 2), np.int64)
+            if views and "views" in f:
+                extra = f["views"][:]
     except FileNotFoundError:
         raise Her2labError(f"{path}: features file missing; run python -m her2lab.extract") from None
     except (OSError, KeyError) as exc:
@@ -168,6 +215,12 @@ def load_bag(
     if feats.dtype not in (np.float16, np.float32):  # float64 would double the cache; ints are not features
         feats = feats.astype(np.float32)
     bad = nonfinite_rows(feats)
+    if extra is not None:
+        if extra.ndim != 3 or extra.shape[1:] != feats.shape:
+            raise Her2labError(f"{path}: views of shape {extra.shape} for features {feats.shape}; re-extract the slide")
+        extra = extra.astype(feats.dtype, copy=False)
+        for v in extra:
+            bad |= nonfinite_rows(v)
     n_bad = int(bad.sum())
     if n_bad and nonfinite == "error":
         raise Her2labError(
@@ -180,7 +233,8 @@ def load_bag(
         log.warning("%s: %d of %d tiles have non-finite features (NaN/Inf); left out (data.nonfinite=drop_tiles)",
                     path, n_bad, len(feats))
         feats, coords = feats[~bad], coords[~bad] if len(coords) == len(bad) else coords
-    return feats, coords, n_bad
+        extra = extra[:, ~bad] if extra is not None else None
+    return feats, coords, n_bad, extra
 
 
 def read_features(
@@ -193,11 +247,12 @@ def read_features(
 
 
 def features_identity(path: str | Path) -> dict:
-    """What made a features file: the encoder and its weights, the tile geometry (her2lab files),
-    and the feature size (any file). Two cohorts fit one model only if these agree."""
+    """What made a features file: the encoder and its weights, its normalisation, the tile
+    geometry (her2lab files), and the feature size (any file). Two cohorts fit one model only
+    if these agree."""
     try:
         with h5py.File(path, "r") as f:
-            ident = {k: f.attrs[k] for k in ENCODER_KEYS if k in f.attrs}
+            ident = {k: f.attrs[k] for k in (*ENCODER_KEYS, "transform") if k in f.attrs}
             ident["dim"] = int(f["features"].shape[-1])
     except (OSError, KeyError) as exc:
         raise Her2labError(f"{path}: not a features file ({type(exc).__name__}); re-run extraction") from None

@@ -200,6 +200,24 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def stored_normalisation(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The mean/std an encoder exported by her2lab (:func:`save_encoder`) was trained with: the
+    spec in its metadata; None for any other file, or one that records none."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            spec = json.loads((f.metadata() or {}).get("her2lab_backbone", "{}"))
+    except Exception:  # not readable as safetensors: build_encoder's own read says why
+        return None
+    mean, std = spec.get("mean"), spec.get("std")
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3):
+        return None
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
 def save_encoder(model: nn.Module, spec, path: Path, extra: dict | None = None) -> Path:
     """Export a headless encoder module (``create_model(spec)``'s form) as safetensors.
 

@@ -4,6 +4,7 @@ Jobs are grouped by their overrides without ``fold=…`` (one group per setting,
 backbone). Per group: the test metrics' mean ± sd over its folds, and the pooled out-of-fold
 metrics — every test prediction of the group's folds together, each slide once — with 95 %
 bootstrap intervals resampled by patient. Failed and unfinished jobs are left out and listed.
+Folds that all tested the same held-out slides (``data.cv_protocol=study``) are not pooled.
 
     python -m her2lab.cv <sweep dir> [--n-boot 1000]
 """
@@ -50,6 +51,14 @@ def out_of_fold(run_dirs: list[Path]) -> pd.DataFrame:
     return table
 
 
+def shared_test_set(run_dirs: list[Path]) -> bool:
+    """True when several runs all tested the same slides (``data.cv_protocol=study``)."""
+    if len(run_dirs) < 2:
+        return False
+    sets = [frozenset(pd.read_csv(r / "predictions.csv", dtype={"slide_id": str}).slide_id) for r in run_dirs]
+    return all(s == sets[0] for s in sets[1:])
+
+
 def cv_summary(sweep_dir: Path, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """One row per setting; writes ``cv_summary.csv`` and ``cv_summary.md`` in ``sweep_dir``."""
     jobs = summarize_sweep(sweep_dir)
@@ -65,7 +74,11 @@ def cv_summary(sweep_dir: Path, n_boot: int = 1000, seed: int = 0) -> pd.DataFra
             v = done[m].astype(float)
             row[f"{m} mean"] = v.mean() if len(v) else np.nan
             row[f"{m} sd"] = v.std(ddof=1) if len(v) > 1 else np.nan
-        if len(done):
+        if len(done) and shared_test_set([Path(r) for r in done.run_dir]):
+            # data.cv_protocol=study: every fold's model tested the same held-out slides; nothing to
+            # pool, the setting's result is the mean ± sd over its models (as the study reports it)
+            row["shared test slides"] = len(pd.read_csv(Path(done.run_dir.iloc[0]) / "predictions.csv"))
+        elif len(done):
             pooled = patient_bootstrap(out_of_fold([Path(r) for r in done.run_dir]), n=n_boot, seed=seed)
             for r in pooled.itertuples():
                 row[f"pooled {r.metric}"] = r.value
@@ -107,5 +120,6 @@ def markdown(table: pd.DataFrame) -> str:
         lines.append(f"| `{r.setting}` | {folds} | {' | '.join(ms)} | {' | '.join(_ci(r, m) for m, _ in shown)} |")
     lines.append("")
     lines.append("Pooled: all test predictions of a setting's folds together (each slide once); intervals: "
-                 "percentile bootstrap resampling patients.")
+                 "percentile bootstrap resampling patients. A setting whose folds all tested the same held-out "
+                 "slides (data.cv_protocol=study) is not pooled: its result is the mean ± sd over the fold models.")
     return "\n".join(lines) + "\n"

@@ -78,6 +78,10 @@ def run_evaluation(cfg: DictConfig) -> Evaluation:
     with open_dict(rcfg):
         rcfg.paths.output_dir = str(out)
         rcfg.auto_pretrain = False
+        if cfg.get("bag_sampling") is not None:  # eval.py's own setting wins over the run's
+            rcfg.eval = OmegaConf.merge(rcfg.get("eval") or {}, {"bag_sampling": cfg.bag_sampling})
+        if external and (rcfg.get("extract") or {}).get("augment_views"):
+            rcfg.extract.augment_views = 0  # new slides are only scored: no augmented views to embed
         if external and cfg.get("missing_slides"):  # unreadable new slides: listed and left out, the rest scored
             rcfg.data.missing_slides = str(cfg.missing_slides)
     if external:  # before any slide work: the new cohort must be new to the model
@@ -104,7 +108,9 @@ def run_evaluation(cfg: DictConfig) -> Evaluation:
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, num_sanity_val_steps=0,
                          enable_progress_bar=on_terminal())  # in a batch job: log lines only
-    trainer.test(module, dataloaders=dm._eval(ds), verbose=on_terminal())  # else: score() logs them
+    # the test split as training scored it (eval.bag_sampling: random bags per slide, averaged);
+    # on a terminal Lightning's table of the metrics, else score() logs them
+    trainer.test(module, dataloaders=dm.test_dataloader() if ds == "test" else dm._eval(ds), verbose=on_terminal())
     metrics = {k.replace("test/", f"{split}/", 1): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     metrics[f"{split}/confusion_matrix"] = module.confusion.compute().tolist()
     metrics.update({"checkpoint": str(ckpt), "run_dir": str(run_dir), "split": split, "cohort": str(rcfg.cohort.name),

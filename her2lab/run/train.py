@@ -1,5 +1,9 @@
 """The training task: seed → inputs → model → fit → test the selected checkpoint → outputs on disk.
 
+Which weights are tested is ``model_selection``: ``best_val`` (the default) the checkpoint with
+the best validation metric (``callbacks.model_checkpoint``), ``last`` the weights of the last
+epoch trained, as the H&E-HER2 study's code kept them (saved to ``checkpoints/last.ckpt``).
+
 The ``data`` config's class (:mod:`her2lab.data.inputs`) makes the datamodule and names the
 explainer; what lands in the run folder is described in :mod:`her2lab.eval.run_folder`. Loggers
 are always closed, even on a crash, so a failed W&B run never leaks into the next multirun job.
@@ -19,7 +23,7 @@ from her2lab.checkpoint import check_fits, check_resumable, data_only, load_chec
 from her2lab.config import build
 from her2lab.data.bags import write_excluded_tiles
 from her2lab.data.inputs import Inputs, inputs_for
-from her2lab.errors import her2lab_cause
+from her2lab.errors import Her2labError, her2lab_cause
 from her2lab.eval.run_folder import write_config, write_failure, write_json, write_predictions
 from her2lab.io import ensure_writable_dir
 from her2lab.lit.epoch_log import EpochLog
@@ -56,6 +60,7 @@ def train(cfg: DictConfig) -> float | None:
 
 def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     apply_extras(cfg, run_dir, show=_is_rank_zero())  # tags, warnings, config tree: before any work
+    selection = check_model_selection(str(cfg.get("model_selection") or "best_val"))
     resume = cfg.get("ckpt_path")
     if resume:  # read as data only, before any work: a file that would run code is refused here
         ckpt = load_checkpoint(resume)
@@ -96,7 +101,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         finally:  # tiles left out for non-finite features are listed even when the run stops
             if zero:
                 write_excluded_tiles(dm, run_dir / "excluded_tiles.csv")
-        metrics = _test_selected(trainer, module, dm)
+        metrics = _test_selected(trainer, module, dm, selection, run_dir / "checkpoints" / "last.ckpt")
         if zero:
             _write_outputs(cfg, inputs, module, dm, metrics, run_dir, active)
         return metrics.get(cfg.get("optimized_metric", ""))
@@ -104,15 +109,36 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         finish_loggers(loggers)
 
 
-def _test_selected(trainer: pl.Trainer, module: pl.LightningModule, dm: pl.LightningDataModule) -> dict:
-    """Test the best checkpoint (the last weights when there is none); the fit's and the test's
-    metrics. ``val/*`` are those of the tested checkpoint's epoch (``selected_epoch``); ``train/*``
-    are the last epoch's."""
+MODEL_SELECTION = ("best_val", "last")
+
+
+def check_model_selection(selection: str) -> str:
+    if selection not in MODEL_SELECTION:
+        raise Her2labError(f"model_selection={selection!r}: use {' or '.join(MODEL_SELECTION)}")
+    return selection
+
+
+def _test_selected(trainer: pl.Trainer, module: pl.LightningModule, dm: pl.LightningDataModule,
+                   selection: str = "best_val", last_path: Path | None = None) -> dict:
+    """Test the selected weights; the fit's and the test's metrics.
+
+    ``best_val``: the best checkpoint (the last weights when there is none). ``last``: the weights
+    the fit ended with, saved to ``last_path`` first so that evaluation finds what was tested.
+    ``val/*`` are those of the tested weights' epoch (``selected_epoch``); ``train/*`` are the
+    last epoch's.
+    """
+    check_model_selection(selection)
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     if trainer.fast_dev_run:  # Lightning saves no checkpoint in this mode
         log.info("fast_dev_run: no checkpoint was saved; testing the last weights on %s batch(es)",
                  int(trainer.fast_dev_run))
+        best = None
+    elif selection == "last":
+        best = None
+        if last_path is not None:  # the end of the fit, whether or not the last epoch validated
+            trainer.save_checkpoint(last_path)
+        log.info("model_selection=last: testing the weights of the last epoch (%d)", trainer.current_epoch - 1)
     elif best is None:
         log.warning("no best checkpoint (no validation metric?): testing the last weights")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -126,7 +152,8 @@ def _test_selected(trainer: pl.Trainer, module: pl.LightningModule, dm: pl.Light
         ckpt_args = {"ckpt_path": best, "weights_only": True} if best else {}
         trainer.test(module, datamodule=dm, verbose=on_terminal(), **ckpt_args)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-    metrics["best_checkpoint"] = best or ""
+    metrics["best_checkpoint"] = best or (str(last_path) if selection == "last" and last_path and not trainer.fast_dev_run else "")
+    metrics["model_selection"] = selection
     metrics["epochs_trained"] = int(trainer.current_epoch)
     if hasattr(module, "confusion"):
         metrics["test/confusion_matrix"] = module.confusion.compute().tolist()

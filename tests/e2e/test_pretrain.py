@@ -63,11 +63,25 @@ def test_pretrain_export_and_embed_round_trip(tmp_path):
 
 
 def test_pretrain_alexnet_ihc_the_studys_encoder(tmp_path):
-    res = _train(tmp_path, "experiment=pretrain_ihc", "backbone=alexnet_ihc", *SMALL)
+    import json
+
+    from omegaconf import OmegaConf
+
+    res = _train(tmp_path, "experiment=pretrain_ihc", "backbone=alexnet_ihc", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
     assert res.returncode == 0, res.stderr[-3000:]
     path = tmp_path / "data" / "encoders" / "alexnet_ihc.safetensors"
     enc = build_encoder(BackboneSpec(name="alexnet", source="torchvision", input_px=96, weights=str(path), embed_dim=1024))
     assert enc(torch.zeros(2, 3, 96, 96)).shape == (2, 1024)
+    # the study's normalisation: the mean/std of the tiles the encoder trained on, not ImageNet's,
+    # recorded in the run's config and stored with the encoder, where the preset (mean: null) reads it
+    ran = OmegaConf.load(tmp_path / "run" / "config.yaml").backbone
+    mean, std = tuple(ran.mean), tuple(ran.std)
+    assert mean != (0.485, 0.456, 0.406) and all(0 < m < 1 for m in mean) and all(0 < s < 0.5 for s in std)
+    stored = json.loads(read_state_dict(path)[1]["her2lab_backbone"])
+    assert (tuple(stored["mean"]), tuple(stored["std"])) == (mean, std)
+    preset = build_encoder(BackboneSpec(name="alexnet", source="torchvision", input_px=96, weights=str(path),
+                                        embed_dim=1024, mean=None, std=None))
+    assert (preset.spec.mean, preset.spec.std) == (mean, std)
 
 
 def test_missing_pretrained_encoder_says_how_to_make_it(tmp_path):

@@ -91,6 +91,20 @@ def test_paper_a_is_the_studys_setting(exp):
     assert cfg.task_name == exp  # experiment values win over train.yaml's
 
 
+@pytest.mark.parametrize("exp", ["paper_a_hne", "paper_a_ihc", "paper_a_imagenet"])
+def test_paper_a_runs_the_studys_protocol(exp):
+    cfg = _compose("train", [f"experiment={exp}"])
+    assert cfg.model_selection == "last" and cfg.data.cv_protocol == "study"
+    assert dict(cfg.data.module.sampler) == {"kind": "with_replacement", "iterations": 100} and cfg.data.module.batch_size == 64
+    assert cfg.eval.bag_sampling.enabled and (cfg.eval.bag_sampling.n_bags, cfg.eval.bag_sampling.bag_size) == (1600, 100)
+    assert cfg.extract.augment_views == 8
+    assert (cfg.backbone.mean is None) == (exp != "paper_a_imagenet")  # the pretraining tiles' own mean/std
+    default = _compose("train", [])
+    assert default.model_selection == "best_val" and default.data.cv_protocol == "patient_grouped"
+    assert default.data.module.sampler.kind == "one_pass" and not default.eval.bag_sampling.enabled
+    assert default.extract.augment_views == 0
+
+
 def test_pretrain_experiments_export_where_the_preset_looks():
     for exp, bb in [("pretrain_hne", "hne"), ("pretrain_ihc", "ihc"), ("pretrain_hne", "alexnet_hne")]:
         cfg = _compose("train", [f"experiment={exp}", f"backbone={bb}"])

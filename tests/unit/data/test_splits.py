@@ -72,3 +72,50 @@ def test_label_schemes():
         label_scheme("her2_3way").encode(m.assign(ish=""))
     with pytest.raises(ManifestError, match="labels.name='her2_5way'"):
         label_scheme("her2_5way")
+
+
+# --- the H&E-HER2 study's protocol (data.cv_protocol=study) -----------------------------------
+
+
+def test_study_protocol_tests_every_fold_on_one_held_out_set_and_kfolds_the_other_slides():
+    from sklearn.model_selection import KFold
+
+    m = _manifest(25)
+    y = label_scheme("her2_4way").encode(m)
+    splits = [split_for_fold(m, y, k, 5, seed=0, protocol="study") for k in range(5)]
+    test = splits[0] == "test"
+    assert all(((s == "test") == test).all() for s in splits)  # the same held-out slides for all 5 models
+    assert m.assign(t=test).groupby("patient_id").t.nunique().eq(1).all()  # held out by patient
+    assert set(y[test]) == {0, 1, 2, 3} and 0.1 < test.mean() < 0.3  # stratified, about test_fraction
+    vals = [set(m.slide_id[s == "val"]) for s in splits]
+    rest = set(m.slide_id[~test])
+    assert set().union(*vals) == rest and sum(map(len, vals)) == len(rest)  # KFold: each other slide validates once
+    for s in splits:
+        assert set(m.slide_id[s == "train"]) == rest - set(m.slide_id[s == "val"])  # the other 4 folds train
+    # exactly sklearn's KFold(5, shuffle=True, random_state=seed) over the sorted slide ids, as the study's code
+    ids = np.unique(m.slide_id[~test])
+    assert [set(ids[v]) for _, v in KFold(5, shuffle=True, random_state=0).split(ids)] == vals
+    # slides, not patients, are folded: some patient has slides in train and val (the study's leak)
+    assert any(m.assign(s=s).groupby("patient_id").s.nunique().gt(1).any() for s in splits)
+
+
+def test_study_protocol_takes_the_manifests_test_slides_as_the_held_out_set():
+    m = _manifest(12)
+    m["split"] = np.where(m.index % 4 == 0, "test", "train")
+    y = label_scheme("her2_4way").encode(m)
+    split = split_for_fold(m, y, 2, 5, seed=0, protocol="study")
+    assert ((split == "test") == (m.split == "test")).all()
+    assert set(split[m.split != "test"]) == {"train", "val"}  # the given train/val are folded again
+    with pytest.raises(Her2labError, match="names no test slide"):
+        split_for_fold(m.assign(split="train"), y, 0, 5, 0, protocol="study")
+
+
+def test_study_protocol_errors_are_one_line():
+    m = _manifest()
+    y = label_scheme("her2_4way").encode(m)
+    with pytest.raises(Her2labError, match="cv_protocol='kfold'"):
+        split_for_fold(m, y, 0, 5, 0, protocol="kfold")
+    with pytest.raises(Her2labError, match="test_fraction=1.5"):
+        split_for_fold(m, y, 0, 5, 0, protocol="study", test_fraction=1.5)
+    with pytest.raises(Her2labError, match="fold=5 is out of range"):
+        split_for_fold(m, y, 5, 5, 0, protocol="study")

@@ -119,3 +119,15 @@ def test_hostile_encoder_weights_are_refused_and_run_nothing(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg and "\x1b" not in msg and str(evil) in msg and "could run code" in msg
     assert not marker.exists()
+
+
+def test_a_null_mean_std_needs_weights_that_store_one(tmp_path):
+    torch.manual_seed(0)
+    plain = tmp_path / "plain.pt"
+    torch.save(create_model(_spec()).state_dict(), plain)
+    with pytest.raises(WeightsError, match=r"holds none .*backbone.mean=\[r,g,b\]"):
+        build_encoder(_spec(weights=str(plain), pretrained=True, mean=None, std=None))
+    with pytest.raises(WeightsError, match="give both backbone.mean and backbone.std"):
+        _spec(mean=None)
+    with pytest.raises(WeightsError, match="holds none"):
+        build_encoder(_spec(mean=None, std=None))  # random weights store nothing either

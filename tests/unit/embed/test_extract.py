@@ -1,3 +1,4 @@
+import json
 import resource
 import signal
 from pathlib import Path
@@ -216,3 +217,54 @@ def test_peer_features_file_in_the_features_folder_is_named_not_mistaken(slides,
         extract_cohort([good], _encoder(), out)
     msg = str(err.value)
     assert "\n" not in msg and "good.h5" in msg and "not made by her2lab" in msg and "extract.overwrite=true" in msg
+
+
+def test_the_normalisation_stored_with_an_encoder_is_used_and_a_change_is_stale(prepared, tmp_path):
+    from her2lab.embed.backbones import create_model, save_encoder
+
+    items, _ = prepared
+    mean, std = (0.7, 0.5, 0.65), (0.2, 0.25, 0.18)  # the pretraining tiles' own statistics
+    torch.manual_seed(0)
+    path = save_encoder(create_model(_spec()), _spec(mean=mean, std=std), tmp_path / "enc.safetensors")
+    enc = build_encoder(_spec(weights=str(path), pretrained=True, mean=None, std=None))
+    assert enc.spec.mean == mean and enc.spec.std == std
+    extract_cohort(items[:1], enc, tmp_path / "f")
+    feats, coords, attrs = _read(tmp_path / "f" / f"{items[0][0]}.h5")
+    assert json.loads(attrs["transform"])["mean"] == list(mean)
+    slide = Slide(items[0][1])
+    x = torch.from_numpy(TileReader(slide, tile_geometry(slide, TILING)).read(coords[0]).copy()).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        want = enc((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).numpy()
+    np.testing.assert_allclose(feats[:1].astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    # the same weights with another mean/std: the cached features are stale, not silently reused
+    with pytest.raises(StaleCacheError, match=r"transform="):
+        extract_cohort(items[:1], build_encoder(_spec(weights=str(path), pretrained=True)), tmp_path / "f")
+
+
+def test_augmented_views_are_the_studys_transforms_reproducible_and_keyed(prepared, weights, tmp_path):
+    from her2lab.embed.features_file import load_bag_views
+
+    items, _ = prepared
+    enc = build_encoder(_spec(weights=str(weights), pretrained=True))
+    extract_cohort(items[:1], enc, tmp_path / "a", ExtractSettings(batch_size=16, augment_views=2))
+    path = tmp_path / "a" / f"{items[0][0]}.h5"
+    feats, views, _ = load_bag_views(path)
+    _, _, attrs = _read(path)
+    assert views.shape == (2, *feats.shape) and views.dtype == np.float16 and attrs["augment_views"] == 2
+    augment = json.loads(attrs["augment"])
+    assert augment["color_jitter"]["hue"] == 0.1 and augment["random_affine"]["shear"] == 10
+    assert augment["gaussian_noise"] == {"after": "normalisation", "p": 0.5, "std": 0.1}
+    # the plain features are those of an extraction without views; each view differs from them and from the other
+    extract_cohort(items[:1], enc, tmp_path / "plain", ExtractSettings(batch_size=16))
+    plain, none, _ = load_bag_views(tmp_path / "plain" / f"{items[0][0]}.h5")
+    assert none is None and np.array_equal(plain, feats)
+    assert not np.allclose(views[0], feats, atol=1e-2) and not np.allclose(views[0], views[1], atol=1e-2)
+    # every tile got its own transform: the change differs from tile to tile
+    change = np.abs(views[0].astype(np.float32) - feats.astype(np.float32)).mean(1)
+    assert change.std() > 0.05 * change.mean()
+    # the same views again (seeded per slide, tile and view), whatever the batch's other work
+    extract_cohort(items[:1], enc, tmp_path / "b", ExtractSettings(batch_size=16, augment_views=2))
+    assert np.array_equal(load_bag_views(tmp_path / "b" / f"{items[0][0]}.h5")[1], views)
+    # a file with views is not taken for one without (nor the reverse): K is part of the key
+    with pytest.raises(StaleCacheError, match="augment_views=2 .now 0"):
+        extract_cohort(items[:1], enc, tmp_path / "a", ExtractSettings(batch_size=16))
