@@ -11,8 +11,10 @@ let training draw one of them per tile per epoch (:mod:`her2lab.data.bags`).
 :class:`StudyAugment` is that transform, built from ``torchvision.transforms.v2`` and applied to
 each tile on its own (the study's transforms ran on one image at a time, so every tile gets its
 own random parameters; a v2 transform given a batch would draw one set for all of it). The
-colour jitter and the affine run on uint8 tiles before the normalisation, the noise on the
-normalised tensor, as in the study. Views are reproducible: each batch of tiles draws from its
+colour jitter and the affine run on PIL images before the normalisation, as in the study, whose
+dataset handed PIL images to them (for 96 px tiles PIL's kernels are about 2.8× faster than
+torchvision's tensor kernels: 0.83 against 2.3 ms a tile, one thread); the noise runs on the
+normalised tensor. Views are reproducible: each batch of tiles draws from its
 own seed (:func:`view_seed`).
 """
 
@@ -49,7 +51,7 @@ def _one_thread():
 class StudyAugment:
     """The study's training augmentation, one tile at a time.
 
-    ``pixels(uint8 (B, 3, H, W)) → uint8 (B, 3, H, W)``: colour jitter, then random affine (nearest
+    ``pixels(uint8 (B, H, W, 3)) → uint8 (B, 3, H, W)``: colour jitter, then random affine (nearest
     neighbour, filled with grey 245 — torchvision's defaults, as in the study). ``noise(x)``:
     Gaussian noise of std ``noise_std`` added to each normalised tile with probability ``noise_p``.
     """
@@ -72,10 +74,13 @@ class StudyAugment:
         return json.dumps(self.params, sort_keys=True)
 
     def pixels(self, tiles: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) → uint8 (B, 3, H, W), every tile with its own random parameters
-        (from torch's global generator: seed it, see :meth:`Embedder.embed_view`)."""
+        """uint8 (B, H, W, 3) on the CPU → uint8 (B, 3, H, W), every tile with its own random
+        parameters (from torch's global generator: seed it, see :meth:`Embedder.embed_view`)."""
+        from PIL import Image
+
         with _one_thread():
-            return torch.stack([self.transform(t) for t in tiles])
+            out = np.stack([np.asarray(self.transform(Image.fromarray(t))) for t in tiles.numpy()])
+        return torch.from_numpy(out).permute(0, 3, 1, 2)
 
     def noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Normalised (B, 3, H, W) + N(0, noise_std²) on a random ``noise_p`` share of the tiles."""

@@ -228,7 +228,7 @@ class Embedder:
         colour-jittered and moved (uint8), normalised, then noised, from ``seed`` alone."""
         with torch.random.fork_rng(devices=[]):  # the transforms draw from torch's global generator
             torch.manual_seed(seed)
-            moved = augment.pixels(tiles.permute(0, 3, 1, 2))  # (B, 3, H, W) uint8
+            moved = augment.pixels(tiles)  # (B, 3, H, W) uint8
         x = moved.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         x = (x.float() - self.mean) / self.std
         x = augment.noise(x, torch.Generator().manual_seed(seed))

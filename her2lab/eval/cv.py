@@ -26,12 +26,12 @@ from her2lab.metrics import summary_metrics
 
 log = logging.getLogger(__name__)
 
-FOLD_RE = re.compile(r"(^|\s)fold=\S+")
+FOLD_RE = re.compile(r"(^|\s)fold=\S+(?=\s|$)")
 
 
 def setting_of(overrides: str) -> str:
     """A job's overrides without ``fold=…``: the setting its folds share."""
-    return FOLD_RE.sub(" ", str(overrides or "")).strip() or "(defaults)"
+    return FOLD_RE.sub("", str(overrides or "")).strip() or "(defaults)"
 
 
 def out_of_fold(run_dirs: list[Path]) -> pd.DataFrame:

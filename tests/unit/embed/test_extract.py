@@ -268,3 +268,20 @@ def test_augmented_views_are_the_studys_transforms_reproducible_and_keyed(prepar
     # a file with views is not taken for one without (nor the reverse): K is part of the key
     with pytest.raises(StaleCacheError, match="augment_views=2 .now 0"):
         extract_cohort(items[:1], enc, tmp_path / "a", ExtractSettings(batch_size=16))
+
+
+def test_study_augment_moves_each_tile_on_its_own_and_fills_with_grey():
+    from her2lab.embed.augment import StudyAugment
+
+    aug = StudyAugment()
+    tiles = torch.zeros((6, 48, 48, 3), dtype=torch.uint8)
+    tiles[:, 16:32, 16:32] = 200  # the same tile six times: a grey square on black
+    torch.manual_seed(0)
+    out = aug.pixels(tiles)
+    assert out.shape == (6, 3, 48, 48) and out.dtype == torch.uint8
+    # six identical tiles, six different results: every tile drew its own parameters
+    assert len({o.numpy().tobytes() for o in out}) == 6
+    # what the affine moves in from outside the tile is the study's fill, grey 245 (then jittered)
+    assert (out == 0).float().mean() < 0.95 and any((o[:, 0, 0] > 150).all() or (o[:, -1, -1] > 150).all() for o in out)
+    torch.manual_seed(0)
+    assert torch.equal(aug.pixels(tiles), out)  # seeded: the same views

@@ -49,3 +49,17 @@ def test_cv_summary_matches_a_hand_computation(tmp_path):
     md = (tmp_path / "cv_summary.md").read_text()
     assert "`backbone=hne` | 3 (+1 failed/unfinished: jobs 3)" in md
     assert (tmp_path / "cv_summary.csv").exists()
+
+
+@pytest.mark.parametrize("overrides, want", [
+    ("experiment=a fold=0 data.x=1", "experiment=a data.x=1"),
+    ("fold=3 data.x=1", "data.x=1"),
+    ("data.x=1 fold=4", "data.x=1"),
+    ("fold=2", "(defaults)"),
+    ("data.fold=2 fold=1", "data.fold=2"),  # only the fold override itself
+    ("cohort.name=fold=x", "cohort.name=fold=x"),
+])
+def test_a_setting_is_its_overrides_without_the_fold(overrides, want):
+    from her2lab.eval.cv import setting_of
+
+    assert setting_of(overrides) == want
