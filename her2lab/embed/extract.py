@@ -335,21 +335,25 @@ def _run(todo: list[tuple[SlideTiles, dict, Path]], encoder: Encoder, settings: 
 def _finish(job: tuple[SlideTiles, dict, Path], feats: np.ndarray, np_dtype: np.dtype, seconds: float,
             views: np.ndarray | None = None) -> dict:
     tiles, attrs, out = job
-    bad = ~np.isfinite(feats).all(axis=1)
+    # per tile: finite as computed (NaN/Inf from the encoder) and as stored (float16 overflow,
+    # |x| > 65504); with views (K, N, D), a tile with a non-finite view fails like one with
+    # non-finite features
+    computed = np.isfinite(feats).all(axis=1)
     stored = feats.astype(np_dtype)
-    bad |= ~np.isfinite(stored).all(axis=1)  # float16 overflow (|x| > 65504) shows up here
-    finite = np.isfinite(feats).all()
-    if views is not None:  # (K, N, D): a tile with a non-finite view fails like one with non-finite features
+    bad = ~(computed & np.isfinite(stored).all(axis=1))
+    stored_views = None
+    if views is not None:
         stored_views = views.astype(np_dtype)
-        bad |= ~(np.isfinite(views).all(axis=(0, 2)) & np.isfinite(stored_views).all(axis=(0, 2)))
-        finite = finite and np.isfinite(views).all()
+        computed &= np.isfinite(views).all(axis=(0, 2))
+        bad |= ~(computed & np.isfinite(stored_views).all(axis=(0, 2)))
+    finite = bool(computed.all())
     if bad.any():
         hint = "extract.dtype=float32" if finite else "check the encoder weights"
         return {
             "slide_id": tiles.slide_id, "status": "failed", "n_tiles": len(feats), "seconds": seconds,
             "error": f"{tiles.slide_path}: {int(bad.sum())} of {len(feats)} tiles gave NaN/Inf features; {hint}",
         }
-    write_features(out, stored, tiles.coords, attrs, stored_views if views is not None else None)
+    write_features(out, stored, tiles.coords, attrs, stored_views)
     return {"slide_id": tiles.slide_id, "status": "done", "n_tiles": len(feats), "seconds": round(seconds, 3), "error": ""}
 
 
